@@ -1,0 +1,17 @@
+"""pnnh: deep plain (shortcut-free) neural nets and the residual-connection family.
+
+    >>> import pnnh
+    >>> model = pnnh.create_model("plain56", num_classes=10, in_chans=1)
+    >>> pnnh.list_models("resnet*")[:3]
+    ['resnet18', 'resnet20', 'resnet32']
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ModelNotFoundError, PnnhError
+from .models import create_model, list_models, model_info, register_model
+
+__all__ = [
+    "create_model", "list_models", "model_info", "register_model",
+    "PnnhError", "ConfigError", "ModelNotFoundError", "DataError", "CheckpointError", "DivergenceError",
+]

@@ -1,0 +1,5 @@
+"""``python -m pnnh`` (what ``torchrun -m pnnh train ...`` runs)."""
+
+from .cli import main
+
+main()

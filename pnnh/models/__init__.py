@@ -1,0 +1,7 @@
+"""Model families. Importing this package registers every model."""
+
+from ._registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
+from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
+from .resnet import ResNet
+
+__all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet"]

@@ -1,0 +1,108 @@
+"""Model registry in the style of timm's ``_registry.py``.
+
+A model family module decorates entry-point functions with :func:`register_model`;
+:func:`create_model` builds one by name and :func:`list_models` lists names by
+glob pattern. Each entry point is a function ``fn(**kwargs) -> nn.Module``.
+
+Every registered model records a small info dict (family, depth, layout) so the
+CLI can list and the depth study can group models without building them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..errors import ConfigError, ModelNotFoundError
+
+__all__ = ["register_model", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str  # e.g. "plain", "resnet", "pnnh", "vit"
+    depth: int | None = None
+    layout: str | None = None  # "cifar" | "imagenet" | "vit"
+    fn: Callable[..., nn.Module] | None = field(default=None, compare=False, repr=False)
+    doc: str = ""
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | None = None,
+                   depth: int | None = None, layout: str | None = None, name: str | None = None):
+    """Register ``fn`` under its function name (or ``name``).
+
+    Usable bare (``@register_model``) or with metadata
+    (``@register_model(family="resnet", depth=56, layout="cifar")``).
+    """
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        if key in _MODELS:
+            raise RuntimeError(f"model {key!r} registered twice")
+        doc = (f.__doc__ or "").strip().splitlines()[0] if f.__doc__ else ""
+        _MODELS[key] = ModelInfo(key, family or "other", depth, layout, f, doc)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+
+def is_model(name: str) -> bool:
+    return name in _MODELS
+
+
+def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
+    """Sorted registered names matching a glob ``pattern`` (``*`` by default).
+
+    Names sort naturally, so ``resnet20`` comes before ``resnet110``.
+    """
+    import re
+
+    def natural(s: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+    names = [n for n, i in _MODELS.items() if family is None or i.family == family]
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return sorted(names, key=natural)
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelNotFoundError(
+            f"unknown model {name!r}.{hint} Run `pnnh models` to list all {len(_MODELS)} registered models."
+        )
+    return _MODELS[name]
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registered name, e.g. ``"resnet56"``, ``"plain110"``, ``"pnnh56"``.
+        num_classes: classifier outputs (10 for Fashion-MNIST / CIFAR-10).
+        in_chans: input channels (1 for Fashion-MNIST, 3 for CIFAR / ImageNet).
+        **kwargs: family options (``width``, ``init``, ``img_size`` ...). An option the
+            family does not take raises :class:`~pnnh.errors.ConfigError`.
+    """
+    info = model_info(name)
+    try:
+        model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as e:  # unknown kwarg -> a clear config error, not a traceback
+        msg = str(e)
+        if "unexpected keyword argument" in msg or "got an unexpected" in msg:
+            raise ConfigError(f"model {name!r} does not take that option: {msg}") from None
+        raise
+    model.pnnh_name = name
+    model.pnnh_kwargs = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return model

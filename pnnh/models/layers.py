@@ -1,0 +1,116 @@
+"""Small building blocks shared by the model families: convs, shortcuts and initialisers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+__all__ = ["conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "init_weights", "INITS"]
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and no bias (a norm layer follows)."""
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """He et al.'s CIFAR "option A" shortcut: subsample by ``stride`` and zero-pad channels.
+
+    Parameter-free, which is why ResNet-20 has 0.27M parameters and its plain twin the same.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, out_ch - in_ch
+        if self.extra < 0:
+            raise ConfigError("PadShortcut cannot reduce channels")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return x
+
+
+class ProjectionShortcut(nn.Sequential):
+    """"Option B": 1x1 conv + norm, used where the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm_layer=nn.BatchNorm2d):
+        super().__init__(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation. Chosen per model with ``init=``; documented in docs/models.md.
+# ---------------------------------------------------------------------------------------------
+
+INITS = ("he", "dirac", "delta_orthogonal")
+
+
+def _he_(w: torch.Tensor) -> None:
+    # fan-in He normal, W ~ N(0, 2/n) with n = fan-in: keeps the forward second moment through
+    # ReLU layers; this is the init under which the PNNH paper states its theory.
+    nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")
+
+
+def _dirac_(w: torch.Tensor) -> None:
+    """Identity on the first min(in, out) channels (centre tap), He init for extra outputs.
+
+    A plain net initialised this way starts as a chain of per-channel norm+ReLU maps: every
+    channel of the input has a path to the output, the "internal path" the PNNH paper argues
+    is the essential part of residual learning.
+    """
+    out_ch, in_ch = w.shape[:2]
+    nn.init.dirac_(w)  # sets w[i, i, centre] = 1 for i < min(out, in); zeros elsewhere
+    if out_ch > in_ch:
+        _he_(w[in_ch:])
+
+
+def _delta_orthogonal_(w: torch.Tensor) -> None:
+    """Delta-orthogonal init (Xiao et al. 2018): an orthogonal matrix at the centre tap."""
+    out_ch, in_ch, kh, kw = w.shape
+    with torch.no_grad():
+        w.zero_()
+        q = torch.empty(out_ch, in_ch)
+        nn.init.orthogonal_(q, gain=math.sqrt(2.0))
+        w[:, :, kh // 2, kw // 2] = q
+
+
+def init_weights(model: nn.Module, init: str = "he", skip: tuple[nn.Module, ...] = ()) -> None:
+    """Initialise every conv and linear layer of ``model``.
+
+    ``init`` applies to 3x3 (and larger) convolutions except those in ``skip`` (the stem); 1x1
+    convs, the stem and the classifier always get He / default init. Norm layers start at
+    weight 1, bias 0.
+    """
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    skip_ids = {id(p) for m in skip for p in m.parameters()}
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            big = m.kernel_size[0] > 1 and id(m.weight) not in skip_ids
+            with torch.no_grad():
+                if big and init == "dirac" and m.groups == 1:
+                    _dirac_(m.weight)
+                elif big and init == "delta_orthogonal" and m.groups == 1:
+                    _delta_orthogonal_(m.weight)
+                else:
+                    _he_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,222 @@
+"""Checkpoints as single safetensors files, written atomically, loaded without executing code.
+
+One file holds everything needed to continue a run exactly:
+
+- ``model.<name>``: the model's state dict (weights and buffers);
+- ``optim.<param index>.<key>``: the optimizer's per-parameter tensors;
+- ``rng.torch`` (and ``rng.cuda.<i>``): random generator states;
+- metadata (strings): ``format``, the model name and kwargs, the run config, the position
+  (epoch, step, batch within epoch), the optimizer's param groups and scalar state, the
+  training curve so far, all as JSON.
+
+safetensors is a flat tensor format with a JSON header: loading it cannot run code, unlike a
+pickle. A pickled file (``torch.save`` output) handed to :func:`load_checkpoint` is refused.
+Writing goes to a temporary file in the same directory, is fsync'ed, then ``os.replace``'d over
+the target, so the checkpoint on disk is always the last *complete* one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
+           "FORMAT"]
+
+FORMAT = "pnnh-checkpoint-v1"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _plain_tensors(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detach, make contiguous, and un-share storage (safetensors refuses shared tensors)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if key in seen or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif key is not None:
+            seen.add(key)
+        out[prefix + k] = t
+    return out
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> None:
+    """Save only the model state dict (deployable weights) with model name/kwargs metadata."""
+    meta = {"format": FORMAT, "kind": "weights", **_model_meta(model), **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    _atomic_save_tensors(_plain_tensors("model.", model.state_dict()), Path(path), meta)
+
+
+def _model_meta(model: nn.Module) -> dict[str, str]:
+    return {"model": json.dumps(getattr(model, "pnnh_name", type(model).__name__)),
+            "model_kwargs": json.dumps(getattr(model, "pnnh_kwargs", {}))}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any]) -> None:
+    """Atomically write a full training checkpoint. ``state`` is JSON-serialisable run state."""
+    tensors = _plain_tensors("model.", model.state_dict())
+    meta: dict[str, str] = {"format": FORMAT, "kind": "checkpoint", **_model_meta(model)}
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, st in osd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"optim.{idx}.{key}"] = val.detach().cpu().contiguous().clone()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = val
+        meta["optim_param_groups"] = json.dumps(osd["param_groups"])
+        meta["optim_scalars"] = json.dumps(scalars)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta["state"] = json.dumps(state)
+    _atomic_save_tensors(tensors, Path(path), meta)
+
+
+def _check_not_pickle(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"refusing to load {path}: it is a pickle (torch.save) file, which can run arbitrary code when loaded. "
+            "pnnh checkpoints are safetensors files; convert trusted weights with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors').")
+    if len(head) < 8:
+        raise CheckpointError(f"checkpoint {path} is empty or truncated")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > 100_000_000 or path.stat().st_size < 8 + n:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded JSON metadata of a pnnh safetensors file (cheap: reads the header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_not_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a pnnh checkpoint (format {raw.get('format')!r})")
+    return {k: (v if k in ("format", "kind") else json.loads(v)) for k, v in raw.items()}
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_not_pickle(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
+
+
+def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
+    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    saved_name, own_name = meta.get("model"), getattr(model, "pnnh_name", None)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        what = f"checkpoint {path} was saved from model {saved_name!r}"
+        if own_name and saved_name != own_name:
+            what += f", not {own_name!r}"
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing key(s) e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
+        if shape:
+            details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
+        raise CheckpointError(f"{what}: architectures differ ({'; '.join(details)})")
+    model.load_state_dict(sd)
+
+
+def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load model weights from a pnnh checkpoint or weights file into ``model``; returns metadata."""
+    path = Path(path)
+    meta = read_metadata(path)
+    _load_model_state(model, _load_tensors(path), meta, path)
+    return meta
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from a checkpoint; return its run ``state``."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("kind") != "checkpoint":
+        raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
+    tensors = _load_tensors(path)
+    _load_model_state(model, tensors, meta, path)
+    if optimizer is not None:
+        groups = meta["optim_param_groups"]
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        for idx, sc in meta.get("optim_scalars", {}).items():
+            state.setdefault(int(idx), {}).update(sc)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {path} does not fit this run: {e}") from None
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    return meta["state"]

@@ -1,0 +1,332 @@
+"""The training engine: one loop for every model.
+
+Read top to bottom: :func:`train` builds data, model and optimizer from a :class:`TrainConfig`,
+restores a checkpoint when resuming, then runs ``steps`` SGD/AdamW steps with the learning rate
+set from a pure function of the step (so resuming needs no scheduler state), evaluates on the
+test split after each epoch, and writes ``metrics.jsonl`` / ``checkpoint.safetensors`` /
+``summary.json`` into ``cfg.out``.
+
+Exactness of resume: the batch order and augmentation of (epoch, batch) depend only on the seed
+(see :class:`pnnh.data.InMemoryLoader`), model/optimizer/RNG state is checkpointed, so a run
+resumed from a checkpoint follows the same trajectory as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import models
+from ..data import InMemoryLoader, load_dataset
+from ..errors import CheckpointError, ConfigError, DivergenceError
+from . import distributed as dist_utils
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .config import RESUME_KEYS, TrainConfig
+
+__all__ = ["train", "evaluate", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
+
+CKPT_NAME = "checkpoint.safetensors"
+
+
+# -------------------------------------------------------------------------------------------------
+# pieces
+# -------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step`` (0-based) of ``total``: warmup then one-cycle/cosine/constant."""
+    warm = int(round(cfg.warmup_frac * total))
+    if step < warm:
+        start = cfg.lr / 25 if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "onecycle":  # linear decay to zero, as airbench / the triangular schedule
+        return cfg.lr * (1 - t)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights of convs/linears only; none on norms, biases and other 1-d params."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: InMemoryLoader, device: torch.device, amp_dtype=None) -> dict[str, float]:
+    """Loss and accuracy over a loader (summed across ranks when distributed)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        totals += torch.tensor([F.cross_entropy(logits.float(), y, reduction="sum").item(),
+                                (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)
+    totals = dist_utils.all_reduce_sum(totals)
+    model.train(was_training)
+    n = max(totals[2].item(), 1.0)
+    return {"loss": totals[0].item() / n, "acc": totals[1].item() / n, "count": int(totals[2].item())}
+
+
+def _autocast(device: torch.device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _prepare_out(cfg: TrainConfig) -> Path | None:
+    if cfg.out is None:
+        return None
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    if (out / CKPT_NAME).exists() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return out
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: the run was configured differently ({'; '.join(diff)})")
+
+
+@dataclass
+class _Clock:
+    """Training time only (no eval, no checkpoint I/O), for an honest images/s."""
+
+    seconds: float = 0.0
+    images: int = 0
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+# -------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train one model as ``cfg`` says; return the summary dict (also written to ``summary.json``).
+
+    ``on_step(step)`` is called after every optimizer step (tests use it to simulate a crash).
+    """
+    session_start = time.time()
+    cfg.validate()
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    is_main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
+    out = _prepare_out(cfg) if is_main else (Path(cfg.out) if cfg.out else None)
+    dist_utils.barrier()
+
+    # data: whole dataset in memory as uint8 tensors
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    if cfg.train_subset:
+        train_ds = train_ds.subset(cfg.train_subset)
+    if cfg.test_subset:
+        test_ds = test_ds.subset(cfg.test_subset)
+    train_loader = InMemoryLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+                                  rank=rank, world_size=world, channels_last=cfg.channels_last)
+    test_loader = InMemoryLoader(test_ds, cfg.eval_batch_size, train=False, rank=rank, world_size=world,
+                                 channels_last=cfg.channels_last)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the "
+                          f"{len(train_ds.labels)} training images")
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # model and optimizer
+    torch.manual_seed(cfg.seed)
+    model_kwargs = dict(cfg.model_kwargs)
+    model_kwargs.setdefault("img_size", train_ds.img_size)
+    model = models.create_model(cfg.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans, **model_kwargs)
+    _check_input_size(model, train_ds)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # resume
+    step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
+    ckpt = out / CKPT_NAME if out else None
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, model, optimizer)
+        _check_resumable(state["config"], cfg, ckpt)
+        step, curve, wall_before = state["step"], state["curve"], state["wall_seconds"]
+        clock = _Clock(state["train_seconds"], state["train_images"])
+        epoch_sums = state.get("epoch_sums")  # set when the checkpoint was taken mid-epoch
+        if is_main:  # drop metric lines written after that checkpoint
+            _truncate_metrics(out / "metrics.jsonl", step)
+    wrapped = dist_utils.wrap_model(model, device)
+    fwd = torch.compile(wrapped) if cfg.compile else wrapped
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    def save(sums: torch.Tensor | None) -> None:
+        if not is_main or ckpt is None:
+            return
+        save_checkpoint(ckpt, model, optimizer, {
+            "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
+            "train_images": clock.images, "wall_seconds": wall_before + time.time() - session_start,
+            "epoch_sums": None if sums is None else sums.tolist()})
+
+    bar = _progress(cfg, is_main, total_steps, step)
+    last_finite, test = float("nan"), None
+    model.train()
+    for epoch in range(step // steps_per_epoch, num_epochs):
+        train_loader.set_epoch(epoch)
+        # loss sum, correct, count over this epoch on this rank
+        sums = torch.tensor(epoch_sums if epoch_sums else [0.0, 0.0, 0.0], dtype=torch.float64)
+        epoch_sums = None
+        t0, seg_images = time.perf_counter(), 0
+        for x, y in train_loader.iter_from(step - epoch * steps_per_epoch):
+            if step >= total_steps:
+                break
+            lr = lr_at(step, total_steps, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                logits = fwd(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                if bar is not None:
+                    bar.close()
+                msg = (f"training diverged: loss became {loss_val} at step {step} (epoch {epoch}, lr {lr:.4g}); "
+                       f"last finite loss {last_finite:.4g}. ")
+                msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
+                if is_main and out is not None:
+                    _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
+                raise DivergenceError(msg)
+            last_finite = loss_val
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            n = y.numel()
+            seg_images += n * world
+            sums += torch.tensor([loss_val * n, (logits.detach().argmax(1) == y).sum().item(), n], dtype=torch.float64)
+            if step % cfg.log_every == 0 or step == total_steps:
+                curve.append([step, round(loss_val, 5)])
+                if bar is not None:
+                    rate = (clock.images + seg_images) / max(clock.seconds + time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
+                                    img_s=f"{rate:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch and step < total_steps:
+                clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
+                save(sums)
+                t0, seg_images = time.perf_counter(), 0
+        clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
+        sums = dist_utils.all_reduce_sum(sums)
+        if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
+            test = evaluate(model, test_loader, device, amp_dtype)
+        save(None)
+        rec = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
+               "train_loss": sums[0].item() / max(sums[2].item(), 1), "train_acc": sums[1].item() / max(sums[2].item(), 1),
+               "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
+               "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
+        if is_main and out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if bar is not None:
+            bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
+                      + (f"  test acc {test['acc']:.4f}" if test else "") + f"  {rec['train_img_per_s']:.0f} img/s")
+        if step < total_steps:
+            test = None
+    if bar is not None:
+        bar.close()
+    if test is None:  # resumed a run that had already finished: evaluate the restored weights
+        test = evaluate(model, test_loader, device, amp_dtype)
+
+    summary = {
+        "status": "complete", "model": cfg.model, "model_kwargs": cfg.model_kwargs, "data": cfg.data,
+        "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
+        "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
+        "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
+        "world_size": world, "seed": cfg.seed, "curve": curve, "device": str(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "wall_s": round(wall_before + time.time() - session_start, 2),
+    }
+    if is_main and out is not None:
+        save_weights(out / "model.safetensors", model, {"test_acc": test["acc"], "steps": total_steps})
+        _write_summary(out, summary)
+    dist_utils.barrier()
+    return summary
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _check_input_size(model: nn.Module, ds) -> None:
+    """Fail early, clearly, on an image size the model cannot take."""
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.zeros(2, ds.in_chans, *ds.images.shape[-2:]))
+            model.train()
+    except RuntimeError as e:
+        raise ConfigError(f"model {getattr(model, 'pnnh_name', '?')} cannot take {ds.name} images of size "
+                          f"{tuple(ds.images.shape[1:])}: {str(e).splitlines()[0]}") from None
+
+
+def _progress(cfg: TrainConfig, is_main: bool, total: int, initial: int):
+    if not (cfg.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=cfg.model, unit="step", dynamic_ncols=True, leave=True)

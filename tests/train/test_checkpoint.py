@@ -1,0 +1,106 @@
+"""Checkpoints: atomic safetensors files, refused when unsafe or mismatched."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import pnnh
+from pnnh.errors import CheckpointError
+from pnnh.train.checkpoint import load_checkpoint, load_weights, read_metadata, save_checkpoint, save_weights
+
+
+def _model(name="resnet20"):
+    return pnnh.create_model(name, width=0.5)
+
+
+def test_roundtrip_model_optimizer_rng(tmp_path):
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    torch.manual_seed(123)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, m, opt, {"step": 7, "curve": [[1, 2.0]]})
+    expected_next = torch.rand(3)
+
+    m2 = _model()
+    opt2 = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    state = load_checkpoint(path, m2, opt2)
+    assert state == {"step": 7, "curve": [[1, 2.0]]}
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        assert torch.equal(s1[i]["momentum_buffer"], s2[i]["momentum_buffer"])
+    assert torch.equal(torch.rand(3), expected_next)  # RNG restored
+    assert read_metadata(path)["model"] == "resnet20"
+
+
+def test_adamw_state_roundtrip(tmp_path):
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", m, opt, {})
+    opt2 = torch.optim.AdamW(_model().parameters(), lr=1e-3)
+    load_checkpoint(tmp_path / "c.safetensors", _model(), opt2)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"]) and float(s1["step"]) == float(s2["step"])
+
+
+def test_pickle_payload_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.safetensors"
+    torch.save({"model": Evil()}, bad)  # a zip+pickle as torch.save writes it
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_weights(bad, _model())
+    raw = tmp_path / "evil2.safetensors"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(raw, _model())
+    assert not marker.exists()
+
+
+def test_other_architecture_refused_naming_the_mismatch(tmp_path):
+    save_weights(tmp_path / "w.safetensors", _model("resnet20"))
+    with pytest.raises(CheckpointError, match="resnet20.*architectures differ"):
+        load_weights(tmp_path / "w.safetensors", _model("resnet32"))
+
+
+def test_truncated_and_missing_files(tmp_path):
+    p = tmp_path / "c.safetensors"
+    save_checkpoint(p, _model(), None, {})
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        load_checkpoint(p, _model())
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors", _model())
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    p = tmp_path / "c.safetensors"
+    m = _model()
+    save_checkpoint(p, m, None, {"step": 1})
+    before = p.read_bytes()
+
+    import pnnh.train.checkpoint as ck
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_checkpoint(p, m, None, {"step": 2})
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["c.safetensors"]  # no temp file left behind
