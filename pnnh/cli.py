@@ -181,6 +181,11 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
                    f"{r['train_img_per_s']:>13.0f}{r['wall_s']:>9.1f}")
 
 
+# --- sub-commands defined in their own modules: one import + add_command each ---------------------
+# (keep imports of heavy modules inside the command functions; this section runs at every start)
+# --- end of sub-commands ---------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and an exit code."""
     try:
