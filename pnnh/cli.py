@@ -103,7 +103,8 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 @click.option("--label-smoothing", type=float, help="Label smoothing [0].")
 @click.option("--model-kwarg", "-k", "model_kwarg", multiple=True, metavar="KEY=VALUE",
               help="Model option, repeatable: -k width=2 -k init=dirac.")
-@click.option("--no-augment", is_flag=True, default=None, help="Disable random crop + flip.")
+@click.option("--augment/--no-augment", default=None,
+              help="Random crop + flip on training batches [auto: on for runs of >= 10 epochs].")
 @click.option("--train-subset", type=int, help="Train on the first N images only.")
 @click.option("--test-subset", type=int, help="Evaluate on the first N test images only.")
 @click.option("--eval-batch-size", type=int, help="Evaluation batch size [1000].")
@@ -117,7 +118,7 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (metrics, checkpoints, summary).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, default=None, help="No progress bar.")
-def train_cmd(config_file, model_kwarg, no_augment, channels_last, compile_, resume, no_progress, **flags) -> None:
+def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, resume, no_progress, **flags) -> None:
     """Train one model; writes metrics.jsonl, checkpoint.safetensors and summary.json to --out."""
     from .train import TrainConfig, load_config_file, train
     from .train import distributed
@@ -128,9 +129,10 @@ def train_cmd(config_file, model_kwarg, no_augment, channels_last, compile_, res
             values[field] = flags[flag]
     if model_kwarg:
         values["model_kwargs"] = {**values.get("model_kwargs", {}), **_parse_kv(model_kwarg, "--model-kwarg")}
-    for field, flag in (("augment", no_augment), ("progress", no_progress)):
-        if flag:
-            values[field] = False
+    if augment is not None:
+        values["augment"] = augment
+    if no_progress:
+        values["progress"] = False
     for field, flag in (("channels_last", channels_last), ("compile", compile_), ("resume", resume)):
         if flag:
             values[field] = True

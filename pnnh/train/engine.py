@@ -162,15 +162,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         train_ds = train_ds.subset(cfg.train_subset)
     if cfg.test_subset:
         test_ds = test_ds.subset(cfg.test_subset)
-    train_loader = InMemoryLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+    train_loader = InMemoryLoader(train_ds, cfg.batch_size, train=True, seed=cfg.seed,
                                   rank=rank, world_size=world, channels_last=cfg.channels_last)
     test_loader = InMemoryLoader(test_ds, cfg.eval_batch_size, train=False, rank=rank, world_size=world,
                                  channels_last=cfg.channels_last)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the "
-                          f"{len(train_ds.labels)} training images")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    augment = cfg.augment_for(total_steps / steps_per_epoch)
+    train_loader.augment = augment
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     # model and optimizer
@@ -290,6 +289,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
+        "augment": augment,
         "world_size": world, "seed": cfg.seed, "curve": curve, "device": str(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(wall_before + time.time() - session_start, 2),
