@@ -13,7 +13,6 @@ The model is deep-copied: its weights and BatchNorm statistics are never modifie
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any, Callable
 
@@ -301,7 +300,3 @@ def summarize(result: dict[str, Any]) -> str:
                          f"{min(accs) * 100:.1f}-{max(accs) * 100:.1f}% (median {sorted(accs)[len(accs) // 2] * 100:.1f}%)")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timing_s"].items()))
     return "\n".join(lines)
-
-
-def _finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

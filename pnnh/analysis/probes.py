@@ -11,8 +11,9 @@ A *probe* is a point of the forward pass whose activation the diagnostics measur
   not the state of the network (the input also travels along the shortcut / coder), so
   ``"auto"`` picks ``"layers"`` only for the ``plain`` family and ``"blocks"`` otherwise.
 
-Each probe records the number of weight layers (``Conv``/``Linear`` calls outside shortcut
-modules) executed before it, its ``depth``, so nets probed at different granularity share one
+Each probe records the number of weight layers executed before it, its ``depth``: calls of
+modules that directly own a weight of two or more dimensions (``Conv``, ``Linear``, or a custom
+layer holding its own conv weight, as PNNH layers do), outside shortcut modules. So nets so nets probed at different granularity share one
 depth axis: plain56's layer probes sit at depths 1..55, resnet56's block outputs at 1, 3, ..., 55.
 A module called several times in one forward (weight sharing) gives one probe per call.
 
@@ -33,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError
 
-__all__ = ["get_blocks", "activation_modules", "branch_end", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
+__all__ = ["get_blocks", "activation_modules", "branch_end", "is_weight_layer", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
            "ProbeTap", "Probe", "PROBE_MODES"]
 
 PROBE_MODES = ("auto", "blocks", "layers")
@@ -59,6 +60,11 @@ def get_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _is_activation(m: nn.Module) -> bool:
     return isinstance(m, _ACTIVATIONS) or type(m).__name__.lower().endswith("relu")
+
+
+def is_weight_layer(m: nn.Module) -> bool:
+    """A module that directly owns a parameter of 2+ dimensions (a conv / linear weight), so one call = one layer."""
+    return any(p.dim() >= 2 for p in m.parameters(recurse=False))
 
 
 def _shortcut_ids(model: nn.Module) -> set[int]:
@@ -232,7 +238,7 @@ class ProbeTap:
         blocks = list({id(b): b for b in get_blocks(self.model)}.values())  # a shared block is hooked once
         hooks = self._handles
         for m in self.model.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m) not in skip:
+            if is_weight_layer(m) and id(m) not in skip:
                 hooks.append(m.register_forward_hook(self._count))
         if self.reduce is not None:
             if self.mode == "blocks":

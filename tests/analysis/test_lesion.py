@@ -28,9 +28,9 @@ def test_delete_and_swap_compute_what_they_say():
     deleted = _run(m, x, range(9), {3: b[3].shortcut})  # references computed outside the patches
     swapped = _run(m, x, [0, 2, 1, 3, 4, 5, 6, 7, 8])
     with _patched([(b[3], shortcut_path(b[3]))]):  # a downsampling block: option-A shortcut remains
-        torch.testing.assert_close(m(x), deleted)
+        assert torch.allclose(m(x), deleted, rtol=1e-5, atol=1e-6)
     with _patched([(b[1], b[2].forward), (b[2], b[1].forward)]):
-        torch.testing.assert_close(m(x), swapped)
+        assert torch.allclose(m(x), swapped, rtol=1e-5, atol=1e-6)
     assert torch.equal(m(x), before)  # restored
     assert all("forward" not in blk.__dict__ for blk in b)
 
