@@ -35,10 +35,11 @@ __all__ = ["diagnose_cmd"]
 @click.option("--dists-weights", type=click.Path(dir_okay=False), help="Local DISTS alpha/beta weights.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the image sample, model init and shuffles.")
 @click.option("--threads", type=int, help="torch intra-op threads.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--no-plots", is_flag=True, help="Only diagnostics.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, images, probes, norm_stats, lesion,
-                 lesion_images, gradients, dists_vgg, dists_weights, seed, threads, no_plots, out) -> None:
+                 lesion_images, gradients, dists_vgg, dists_weights, seed, threads, device, no_plots, out) -> None:
     """Dissipating inputs, surviving neurons, shattered gradients, signal propagation and lesions.
 
     Writes OUT/diagnostics.json and PNG plots (one model), or OUT/<model>/... and OUT/comparison.png
@@ -69,7 +70,12 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
 
         dists = load_dists(dists_vgg, dists_weights)
 
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
+    x, y = x.to(dev), y.to(dev)
     kwargs = _parse_kv(model_kwarg, "--model-kwarg")
     results = {}
     out_dir = Path(out)
@@ -85,6 +91,7 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
         if want is not None and want != x.shape[1]:
             raise ConfigError(f"{name} takes {want}-channel images but {data} has {x.shape[1]} channels")
         click.echo(f"[{name}] {'checkpoint ' + checkpoint if checkpoint else 'at init'}, {x.shape[0]} {data} {split} images")
+        model = model.to(dev)
         res = run_diagnostics(model, x, y, probes=probes, norm_stats=norm_stats, lesion=lesion,
                               lesion_images=lesion_images, gradients=gradients, dists=dists, seed=seed,
                               log=lambda s: click.echo(f"  {s}"))

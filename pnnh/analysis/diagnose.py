@@ -30,9 +30,6 @@ from .theory import PAPER_FORM, channel_moments, preactivation_stats, simulate_h
 
 __all__ = ["run_diagnostics", "channel_stats", "load_images", "summarize"]
 
-METRICS = ("cka", "cka_debiased", "ridge_r2")
-
-
 def channel_stats(t: torch.Tensor) -> dict[str, float]:
     """Brock et al.'s signal-propagation statistics of one activation (channel = dim 1, or last for tokens).
 
@@ -104,7 +101,8 @@ def run_diagnostics(
         n_shuffles, z: shuffled pairings for the noise floor, and the band's half-width in stds.
         gradients, grad_*: shattered-gradients measurement and its line settings.
         lesion: run the lesion study; ``None`` = when labels are given and the model is trained
-            (its BatchNorm running statistics are not the initial ones). It costs about two full
+            (its BatchNorm running statistics are not the initial ones; for a model without
+            BatchNorm pass ``True``). It costs about two full
             forward passes per block; ``lesion_images`` limits it to the first that many images.
         stats_images: pre-activation and signal-propagation statistics use the first this many
             images of the batch (``None``: all; they are per-channel averages over images and
@@ -122,9 +120,10 @@ def run_diagnostics(
         raise ConfigError(f"need at least 16 images for the diagnostics, got {n}")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = copy.deepcopy(model).float().eval()
+    work = copy.deepcopy(model).float().eval().to(images.device)
     mode = resolve_probe_mode(work, probes)
     stats_mode = resolve_norm_stats(work, norm_stats)
+    trained = resolve_norm_stats(work, "auto") == "running"  # BatchNorm statistics moved: trained
     images = images.float()
     get_blocks(work)  # fail early with a clear message
 
@@ -213,7 +212,7 @@ def run_diagnostics(
     blocks = get_blocks(work)
     n_res = sum(shortcut_path(b) is not None for b in blocks)
     if lesion is None:
-        lesion = labels is not None and stats_mode == "running"
+        lesion = labels is not None and trained
     if lesion:
         if labels is None:
             raise ConfigError("the lesion study needs labels")
@@ -249,7 +248,8 @@ def _dists_metric(dists: nn.Module, probes, images: torch.Tensor, n_shuffles: in
         for p in chosen:
             f_p = dists.features(to_gray_image(p.value["map"], size))
             vals.append(1 - dists.distance(f_p, f_in).mean())
-            floors.append(torch.stack([1 - dists.distance(f_p, [f[perm] for f in f_in]).mean() for perm in perms]))
+            floors.append(torch.stack([1 - dists.distance(f_p, [f[perm.to(f.device)] for f in f_in]).mean()
+                                       for perm in perms]))
     meta = [p.meta() for p in chosen]
     out = _metric_block(torch.stack(vals).double(), torch.stack(floors).double(), z, meta)
     out["probes"] = meta

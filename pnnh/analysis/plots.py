@@ -72,7 +72,7 @@ def plot_diagnostics(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     layers = surv["layers"]
     if layers:
         d = [r["depth"] for r in layers]
-        ax.plot(d, [r["frac_pos"] for r in layers], ".-", label="measured P(pre-act > 0)")
+        ax.plot(d, [r["frac_pos"] for r in layers], "o", ms=3, label="measured P(pre-act > 0)")
         ax.plot(d, [r["cantelli"] for r in layers], "v", ms=3, label="Cantelli bound (layer moments)")
         ax.plot(d, [r["cantelli_channel"] for r in layers], "^", ms=3, label="Cantelli bound (per channel)")
     ax.set_ylim(-0.02, 1.02)

@@ -105,7 +105,7 @@ def cka_with_floor(grams: torch.Tensor, l: torch.Tensor, perms: torch.Tensor, de
     """
     n = l.shape[0]
     lc = center_gram(l.double(), debiased)
-    idx = torch.cat([torch.arange(n)[None], perms], 0)  # S×N, identity first
+    idx = torch.cat([torch.arange(n)[None], perms.cpu()], 0).to(l.device)  # S×N, identity first
     lp = (lc / lc.norm())[idx[:, :, None], idx[:, None, :]].reshape(idx.shape[0], -1).float()  # S×N²
     out = []
     for i in range(0, grams.shape[0], chunk):
@@ -140,7 +140,7 @@ def _ridge_fold(k: torch.Tensor, ys: torch.Tensor, tr: slice, te: slice, lambdas
     # eigenbasis coordinates of the targets: B×ntr×(S·P)
     uy = u32.transpose(1, 2) @ ytr.permute(1, 0, 2).reshape(ntr, s_ * p)
     uy = uy.reshape(-1, ntr, s_, p)  # B×ntr×S×P
-    lam = lambdas[None, :] * s.mean(1, keepdim=True).clamp_min(1e-300)  # B×Λ
+    lam = lambdas.to(s.device)[None, :] * s.mean(1, keepdim=True).clamp_min(1e-300)  # B×Λ
     shrink = lam[:, :, None] / (s[:, None, :] + lam[:, :, None])  # eigenvalues of I - H(λ): B×Λ×ntr
     rss = torch.einsum("blk,bks->bsl", shrink ** 2, (uy ** 2).sum(-1).double())  # B×S×Λ
     # GCV(λ) = n·RSS / tr(I - H)², n constant; the intercept (the centring's null direction,
@@ -168,7 +168,7 @@ def ridge_r2_with_floor(grams: torch.Tensor, target: torch.Tensor, perms: torch.
     lambdas = _LAMBDAS if lambdas is None else torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     n = target.shape[0]
     y = target.double().reshape(n, -1)
-    ys = torch.cat([y[None], y[perms]], 0)  # S×N×P, unshuffled first
+    ys = torch.cat([y[None], y[perms.to(y.device)]], 0)  # S×N×P, unshuffled first
     h = n // 2
     halves = (slice(0, h), slice(h, n))
     out = []

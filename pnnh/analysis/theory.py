@@ -146,7 +146,7 @@ def simulate_he_layers(x0: torch.Tensor, depth: int, residual: bool, seed: int =
     n = x.shape[1]
     rows = []
     for layer in range(1, depth + 1):
-        w = torch.randn(n, n, generator=g, dtype=dtype) * math.sqrt(2.0 / n)
+        w = (torch.randn(n, n, generator=g, dtype=dtype) * math.sqrt(2.0 / n)).to(x.device)
         y = x @ w.T + (x if residual else 0)
         mu_x, var_x = float(x.mean()), float(x.var(unbiased=False))
         pm, pv = predict_moments(mu_x, var_x, residual)

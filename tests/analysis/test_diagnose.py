@@ -111,3 +111,17 @@ def test_cli_user_errors(fmnist_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["diagnose", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_lesion_runs_by_default_only_for_trained_models(images):
+    x, y = images
+    kw = dict(gradients=False, theory=False, n_shuffles=2)
+    m = pnnh.create_model("resnet20", width=0.25)
+    r = run_diagnostics(m, x[:32], y[:32], norm_stats="running", **kw)  # forcing running stats is not training
+    assert r["norm_stats"] == "running" and "skipped" in r["lesion"]
+    m.train()
+    with torch.no_grad():
+        m(x[:64])  # moves the BatchNorm running statistics, as training does
+    r = run_diagnostics(m, x[:32], y[:32], **kw)
+    assert r["norm_stats"] == "running" and len(r["lesion"]["delete"]) == 9
+    assert 0 <= r["lesion"]["baseline"] <= 1

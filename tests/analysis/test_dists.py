@@ -14,7 +14,7 @@ from pnnh.errors import ConfigError
 def weight_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("dists")
     ref = DISTS()
-    sd, idx = {}, 0
+    sd = {}
     convs = [m for m in ref.modules() if isinstance(m, torch.nn.Conv2d)]
     layout = []  # torchvision vgg16().features indices of the convs
     i = 0
