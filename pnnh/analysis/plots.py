@@ -184,7 +184,8 @@ def plot_comparison(results: dict[str, dict[str, Any]], out_dir: str | Path) -> 
                             "neighbouring input-gradient correlation", "block output: average channel variance")):
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("depth (weight layers)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[3].set_yscale("log")
     paths = [_save(fig, out / "comparison.png")]
     return paths
