@@ -185,6 +185,9 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 
 # --- sub-commands defined in their own modules: one import + add_command each ---------------------
 # (keep imports of heavy modules inside the command functions; this section runs at every start)
+from .analysis.command import diagnose_cmd  # noqa: E402
+
+cli.add_command(diagnose_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 
 
