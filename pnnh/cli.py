@@ -113,12 +113,14 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), help="Mixed precision.")
 @click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--sync-bn", is_flag=True, default=None, help="Under DDP on CUDA: SyncBatchNorm over the global batch.")
 @click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps (default: each epoch).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of TrainConfig fields.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (metrics, checkpoints, summary).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, default=None, help="No progress bar.")
-def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, resume, no_progress, **flags) -> None:
+def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_bn, resume, no_progress,
+              **flags) -> None:
     """Train one model; writes metrics.jsonl, checkpoint.safetensors and summary.json to --out."""
     from .train import TrainConfig, load_config_file, train
     from .train import distributed
@@ -128,12 +130,16 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, resume
         if flags.get(flag) is not None:
             values[field] = flags[flag]
     if model_kwarg:
-        values["model_kwargs"] = {**values.get("model_kwargs", {}), **_parse_kv(model_kwarg, "--model-kwarg")}
+        base = values.get("model_kwargs") or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"model_kwargs must be a mapping of option: value, got {type(base).__name__} {base!r}")
+        values["model_kwargs"] = {**base, **_parse_kv(model_kwarg, "--model-kwarg")}
     if augment is not None:
         values["augment"] = augment
     if no_progress:
         values["progress"] = False
-    for field, flag in (("channels_last", channels_last), ("compile", compile_), ("resume", resume)):
+    for field, flag in (("channels_last", channels_last), ("compile", compile_), ("sync_bn", sync_bn),
+                        ("resume", resume)):
         if flag:
             values[field] = True
     if "epochs" in values and "steps" in values and flags.get("steps") is not None and flags.get("epochs") is None:
@@ -142,11 +148,12 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, resume
         raise ConfigError("--out DIR is required (the run directory)")
     cfg = TrainConfig.from_dict(values).validate()
     distributed.init_from_env(cfg.device)
+    is_main = distributed.rank() == 0  # read before shutdown, after which every process says rank 0
     try:
         summary = train(cfg)
     finally:
         distributed.shutdown()
-    if distributed.rank() == 0:
+    if is_main:
         click.echo(f"{summary['model']}: test acc {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M params, "
                    f"{summary['train_img_per_s']:.0f} train img/s, {summary['wall_s']:.1f} s -> {cfg.out}/summary.json")
 
@@ -207,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; continue a training run with --resume", err=True)
         sys.exit(130)
+    except OSError as e:  # the environment failed us (disk full, permissions): say what, without a traceback
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(1)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

@@ -24,3 +24,29 @@ def fmnist_dir() -> Path:
     if not any(d.glob("train-images-idx3-ubyte*")):
         pytest.fail(f"Fashion-MNIST not found in {d}: run the README's setup (apt-get install dataset-fashion-mnist)")
     return d
+
+
+def write_idx_subset(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
+    """Write the first images/labels of a Fashion-MNIST copy as raw IDX files (real data, fast to load)."""
+    import gzip
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, item_bytes in (("images-idx3-ubyte", 28 * 28), ("labels-idx1-ubyte", 1)):
+            name = f"{prefix}-{kind}"
+            raw = (src / name).read_bytes() if (src / name).exists() else gzip.decompress((src / f"{name}.gz").read_bytes())
+            header = bytearray(raw[: 16 if "images" in kind else 8])
+            header[4:8] = n.to_bytes(4, "big")  # first dimension: the number of items
+            (dst / name).write_bytes(bytes(header) + raw[len(header): len(header) + n * item_bytes])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """The first 1024 training and 256 test images of the real Fashion-MNIST, as a --data-dir."""
+    d = Path(os.environ.get("PNNH_DATA", FMNIST_DIR))
+    if (d / "fashion-mnist").is_dir():
+        d = d / "fashion-mnist"
+    if not any(d.glob("train-images-idx3-ubyte*")):
+        pytest.fail(f"Fashion-MNIST not found in {d}")
+    return write_idx_subset(d, tmp_path_factory.mktemp("fmnist-small"), 1024, 256)

@@ -54,9 +54,10 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write (disk full) as SafetensorError
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
+        raise CheckpointError(f"could not write checkpoint {path}: {why}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -169,6 +170,10 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
     unexpected = [k for k in sd if k not in own]
     shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if saved_name and own_name and saved_name != own_name and not (missing or unexpected or shape):
+        # e.g. resnet20 and plain20 (option-A shortcuts have no weights): same tensors, another network
+        raise CheckpointError(f"checkpoint {path} was saved from model {saved_name!r}, not {own_name!r}: "
+                              "the weights have the same names and shapes but the architectures differ")
     if missing or unexpected or shape:
         what = f"checkpoint {path} was saved from model {saved_name!r}"
         if own_name and saved_name != own_name:

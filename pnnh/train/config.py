@@ -61,6 +61,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     amp: str | None = None  # None | bf16 | fp16
+    sync_bn: bool = False  # under DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
 
     def validate(self) -> "TrainConfig":
         """Check types and ranges; raise ConfigError naming the field."""
@@ -69,7 +70,8 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         if (self.epochs is None) == (self.steps is None):
             raise ConfigError("give exactly one of epochs or steps")
-        for name in ("epochs", "steps", "batch_size", "eval_batch_size", "log_every", "eval_every"):
+        for name in ("epochs", "steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "train_subset",
+                     "test_subset", "threads"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v}")
@@ -162,8 +164,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: the problem and where, not YAML's multi-line excerpt
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .. import models
 from ..data import InMemoryLoader, load_dataset
 from ..errors import CheckpointError, ConfigError, DivergenceError
 from . import distributed as dist_utils
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 
 __all__ = ["train", "evaluate", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
@@ -104,7 +105,7 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_out(cfg: TrainConfig) -> Path | None:
+def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if cfg.out is None:
         return None
     out = Path(cfg.out)
@@ -115,9 +116,20 @@ def _prepare_out(cfg: TrainConfig) -> Path | None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
-    if (out / CKPT_NAME).exists() and not cfg.resume:
+    if (out / CKPT_NAME).exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    for stale in out.glob(".*.tmp*"):  # temp files of a writer killed mid-write (see checkpoint.py)
+        stale.unlink(missing_ok=True)
     return out
+
+
+def _is_restart_of_this_job(cfg: TrainConfig) -> bool:
+    """A worker that torchrun restarted resumes the checkpoint its own job wrote, without --resume."""
+    run_id = dist_utils.elastic_run_id()
+    ckpt = Path(cfg.out) / CKPT_NAME if cfg.out else None
+    if not (dist_utils.elastic_restart() and run_id and ckpt and ckpt.exists()):
+        return False
+    return read_metadata(ckpt)["state"].get("elastic_run_id") == run_id
 
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -146,13 +158,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     """
     session_start = time.time()
     cfg.validate()
+    dist_utils.init_from_env(cfg.device)  # no-op for one process or when the caller already did it
     rank, world = dist_utils.rank(), dist_utils.world_size()
     is_main = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or dist_utils.default_threads()
+    if threads:
+        torch.set_num_threads(threads)
     device = _resolve_device(cfg.device)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
-    out = _prepare_out(cfg) if is_main else (Path(cfg.out) if cfg.out else None)
+    resume = cfg.resume or _is_restart_of_this_job(cfg)
+    out = _prepare_out(cfg, resume) if is_main else (Path(cfg.out) if cfg.out else None)
     dist_utils.barrier()
 
     # data: whole dataset in memory as uint8 tensors
@@ -178,6 +195,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     model_kwargs.setdefault("img_size", train_ds.img_size)
     model = models.create_model(cfg.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans, **model_kwargs)
     _check_input_size(model, train_ds)
+    if cfg.sync_bn and world > 1:  # BatchNorm statistics over the global batch, not each rank's slice
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -187,14 +206,21 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     # resume
     step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
     ckpt = out / CKPT_NAME if out else None
-    if cfg.resume and ckpt is not None and ckpt.exists():
+    if resume and ckpt is not None and ckpt.exists():
+        saved = read_metadata(ckpt)["state"]
+        _check_resumable(saved["config"], cfg, ckpt)  # names what differs, before loading anything
+        if saved.get("world_size", 1) != world:  # the global batch and each rank's data order depend on it
+            raise ConfigError(f"cannot resume from {ckpt}: it was trained by {saved.get('world_size', 1)} "
+                              f"process(es), this run has {world}; resume with the same number of processes")
         state = load_checkpoint(ckpt, model, optimizer)
-        _check_resumable(state["config"], cfg, ckpt)
         step, curve, wall_before = state["step"], state["curve"], state["wall_seconds"]
         clock = _Clock(state["train_seconds"], state["train_images"])
-        epoch_sums = state.get("epoch_sums")  # set when the checkpoint was taken mid-epoch
-        if is_main:  # drop metric lines written after that checkpoint
-            _truncate_metrics(out / "metrics.jsonl", step)
+        # set when the checkpoint was taken mid-epoch: sums over all ranks, so rank 0 carries them
+        epoch_sums = state.get("epoch_sums") if is_main else None
+        if is_main:
+            print(f"resuming {ckpt} at step {step} of {total_steps}", file=sys.stderr, flush=True)
+    if is_main and out is not None:  # drop metric lines written after the checkpoint (all, when none)
+        _truncate_metrics(out / "metrics.jsonl", step)
     wrapped = dist_utils.wrap_model(model, device)
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -205,12 +231,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         save_checkpoint(ckpt, model, optimizer, {
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
             "train_images": clock.images, "wall_seconds": wall_before + time.time() - session_start,
-            "epoch_sums": None if sums is None else sums.tolist()})
+            "epoch_sums": None if sums is None else sums.tolist(), "world_size": world,
+            "elastic_run_id": dist_utils.elastic_run_id()})
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
     model.train()
-    for epoch in range(step // steps_per_epoch, num_epochs):
+    for epoch in range(step // steps_per_epoch if step < total_steps else num_epochs, num_epochs):
         train_loader.set_epoch(epoch)
         # loss sum, correct, count over this epoch on this rank
         sums = torch.tensor(epoch_sums if epoch_sums else [0.0, 0.0, 0.0], dtype=torch.float64)
@@ -227,16 +254,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                 logits = fwd(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss_val = loss.item()
-            if not math.isfinite(loss_val):
+            if world > 1:  # every rank sees the mean loss, so all of them stop together on NaN
+                mean_loss = dist_utils.all_reduce_sum(torch.tensor([loss_val], dtype=torch.float64)).item() / world
+            else:
+                mean_loss = loss_val
+            if not math.isfinite(mean_loss):
                 if bar is not None:
                     bar.close()
-                msg = (f"training diverged: loss became {loss_val} at step {step} (epoch {epoch}, lr {lr:.4g}); "
+                msg = (f"training diverged: loss became {mean_loss} at step {step} (epoch {epoch}, lr {lr:.4g}); "
                        f"last finite loss {last_finite:.4g}. ")
                 msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
                 if is_main and out is not None:
                     _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
                 raise DivergenceError(msg)
-            last_finite = loss_val
+            last_finite = mean_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -249,7 +280,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             seg_images += n * world
             sums += torch.tensor([loss_val * n, (logits.detach().argmax(1) == y).sum().item(), n], dtype=torch.float64)
             if step % cfg.log_every == 0 or step == total_steps:
-                curve.append([step, round(loss_val, 5)])
+                curve.append([step, round(mean_loss, 5)])
                 if bar is not None:
                     rate = (clock.images + seg_images) / max(clock.seconds + time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
@@ -260,20 +291,25 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                 on_step(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch and step < total_steps:
                 clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
+                # rank 0 carries the sums of all ranks from here on (as a resume from this checkpoint will)
+                sums = dist_utils.all_reduce_sum(sums)
+                if not is_main:
+                    sums.zero_()
                 save(sums)
                 t0, seg_images = time.perf_counter(), 0
         clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
         sums = dist_utils.all_reduce_sum(sums)
         if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
+            dist_utils.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it saves
             test = evaluate(model, test_loader, device, amp_dtype)
-        save(None)
         rec = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                "train_loss": sums[0].item() / max(sums[2].item(), 1), "train_acc": sums[1].item() / max(sums[2].item(), 1),
                "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
                "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
-        if is_main and out is not None:
+        if is_main and out is not None:  # before the checkpoint: a resume drops lines past its step
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        save(None)
         if bar is not None:
             bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
                       + (f"  test acc {test['acc']:.4f}" if test else "") + f"  {rec['train_img_per_s']:.0f} img/s")
@@ -282,6 +318,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     if bar is not None:
         bar.close()
     if test is None:  # resumed a run that had already finished: evaluate the restored weights
+        dist_utils.broadcast_buffers(model)
         test = evaluate(model, test_loader, device, amp_dtype)
 
     summary = {

@@ -104,3 +104,54 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(p, m, None, {"step": 2})
     assert p.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["c.safetensors"]  # no temp file left behind
+
+
+def test_same_shapes_other_architecture_refused(tmp_path):
+    # resnet20 and plain20 have identical state dicts (option-A shortcuts hold no weights)
+    assert {k: v.shape for k, v in _model("resnet20").state_dict().items()} == \
+        {k: v.shape for k, v in _model("plain20").state_dict().items()}
+    save_checkpoint(tmp_path / "c.safetensors", _model("resnet20"), None, {})
+    with pytest.raises(CheckpointError, match="saved from model 'resnet20', not 'plain20'.*architectures differ"):
+        load_checkpoint(tmp_path / "c.safetensors", _model("plain20"))
+    with pytest.raises(CheckpointError, match="saved from model 'resnet20', not 'plain20'"):
+        load_weights(tmp_path / "c.safetensors", _model("plain20"))
+
+
+def test_width_mismatch_names_the_tensor_and_shapes(tmp_path):
+    save_weights(tmp_path / "w.safetensors", _model("resnet20"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*stem.0.weight: checkpoint \(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)"):
+        load_weights(tmp_path / "w.safetensors", pnnh.create_model("resnet20"))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_pickles_of_any_protocol_are_refused_unexecuted(tmp_path, protocol):
+    """Protocols >= 2 start with the PROTO opcode (0x80) and are named as pickles; protocol 0/1 text
+    pickles fail the safetensors header check. Either way nothing is unpickled."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = tmp_path / f"evil{protocol}.safetensors"
+    p.write_bytes(pickle.dumps(Evil(), protocol=protocol))
+    with pytest.raises(CheckpointError, match="pickle" if protocol >= 2 else "not a safetensors file|corrupt"):
+        load_checkpoint(p, _model())
+    with pytest.raises(CheckpointError):
+        read_metadata(p)
+    legacy = tmp_path / "legacy.pt"  # torch.save's pre-1.6 (non-zip) format
+    torch.save({"x": Evil()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_weights(legacy, _model())
+    assert not marker.exists()
+
+
+def test_safetensors_file_that_is_not_a_pnnh_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a pnnh checkpoint"):
+        load_weights(tmp_path / "other.safetensors", _model())
+    save_weights(tmp_path / "w.safetensors", _model())
+    with pytest.raises(CheckpointError, match="weights only, not a resumable training checkpoint"):
+        load_checkpoint(tmp_path / "w.safetensors", _model())
