@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ModelNotFoundError, PnnhError
 from .models import create_model, list_models, model_info, register_model
+from .bench.fuse import deploy
 
 __all__ = [
-    "create_model", "list_models", "model_info", "register_model",
+    "create_model", "list_models", "model_info", "register_model", "deploy",
     "PnnhError", "ConfigError", "ModelNotFoundError", "DataError", "CheckpointError", "DivergenceError",
 ]

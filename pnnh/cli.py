@@ -195,6 +195,10 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 from .analysis.command import diagnose_cmd  # noqa: E402
 
 cli.add_command(diagnose_cmd)
+from .bench.cli import bench_cmd, export_cmd  # noqa: E402
+
+cli.add_command(bench_cmd)
+cli.add_command(export_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,419 @@
+"""Side-by-side throughput, latency, memory and FLOPs of registered models.
+
+:func:`run_bench` builds every model once, warms each up, then times them in **alternating
+rounds**: round ``r`` runs ``steps`` timed steps of every model in turn, in forward order on
+even rounds and reverse order on odd rounds (A B, B A, A B ...), so slow drifts of a shared
+machine hit every model alike. The ratio of a model to the first one is the median over rounds
+of the *paired* per-round ratio, which is what makes it meaningful on a noisy machine.
+
+What one row reports (per model and mode):
+
+- ``img_per_s``: ``batch_size / median step latency``; ``step_ms``: median, min, max latency.
+- ``ratio``: throughput relative to the first model (median of per-round paired ratios).
+- ``flops_per_img``: FLOPs of one image (a multiply-add counts 2), counted by
+  ``torch.utils.flop_counter.FlopCounterMode``: forward for ``infer``, forward + backward for
+  ``train`` (the optimizer update is not counted).
+- ``gflops_per_s`` and ``peak_frac``: achieved FLOP/s, and that over the dense matmul peak
+  (:func:`matmul_peak`, same dtype and thread count) measured at the start of *every round*, so
+  the fraction is paired too (median over rounds of model FLOP/s over that round's peak).
+- ``peak_mem_mb``: the peak bytes of tensors this model holds during one step: its parameters,
+  gradients, optimizer state and input when the step starts, plus the largest net growth of
+  allocations during the step. CUDA: from ``torch.cuda.max_memory_allocated``; CPU: from the
+  allocation events of ``torch.profiler`` (``profile_memory=True``). The same definition on both,
+  so numbers compare across devices; allocator caching and fragmentation are not included.
+- ``params``: trainable + frozen parameter count of the model as built.
+
+Model specs are registered names, optionally with ``:fused`` (inference of
+:func:`pnnh.deploy` applied to the model), e.g. ``plain56,plain56:fused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models import create_model, model_info
+from .fuse import deploy
+
+__all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
+
+MODES = ("train", "infer")
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` measures. Field names match the ``pnnh bench`` flags."""
+
+    models: list[str]
+    batch_size: int = 128
+    input_size: int | None = None  # default: the first model's default_cfg input size
+    in_chans: int = 1
+    num_classes: int = 10
+    mode: str = "train"  # train | infer | both
+    channels_last: bool = False
+    compile: bool = False
+    amp: str | None = None  # None | bf16 | fp16
+    device: str = "cpu"
+    repeats: int = 5  # alternating rounds
+    steps: int = 5  # timed steps per model per round
+    warmup: int = 2  # untimed steps per model before the first round
+    threads: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    memory: bool = True
+    peak: bool = True  # measure the dense matmul peak
+    peak_size: int = 2048
+    seed: int = 0
+
+    def validate(self) -> "BenchConfig":
+        if not self.models:
+            raise ConfigError("give at least one model")
+        if self.mode not in (*MODES, "both"):
+            raise ConfigError(f"mode must be train, infer or both, got {self.mode!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ConfigError(f"amp must be bf16, fp16 or unset, got {self.amp!r}")
+        for name in ("batch_size", "repeats", "steps", "in_chans", "num_classes", "peak_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ConfigError(f"input_size must be >= 1, got {self.input_size}")
+        for spec in self.models:
+            name, fused = parse_spec(spec)
+            model_info(name)  # unknown names fail here, with close matches
+            if fused and self.mode != "infer":
+                raise ConfigError(f"{spec}: a fused (deployed) model is for inference only; use --mode infer")
+        return self
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.mode == "both" else (self.mode,)
+
+
+def parse_spec(spec: str) -> tuple[str, bool]:
+    """``"plain56:fused"`` -> ``("plain56", True)``."""
+    name, _, suffix = spec.strip().partition(":")
+    if suffix not in ("", "fused"):
+        raise ConfigError(f"model spec {spec!r}: the only suffix is ':fused'")
+    return name, suffix == "fused"
+
+
+# -------------------------------------------------------------------------------------------------
+# measurements
+# -------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an ``n x n`` dense matmul (``2 n^3`` FLOPs) over ``repeats`` runs."""
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    torch.mm(a, b)  # warm-up: thread pool, kernel choice
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def count_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
+    """FLOPs of ``model(x)`` (and its backward if ``train``) for the whole batch ``x``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    if train:
+        with counter:
+            model(x).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with counter, torch.no_grad():
+            model(x)
+    return int(counter.get_total_flops())
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence C++-level prints (the profiler's start/stop lines) on stdout and stderr."""
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:  # no real file descriptors (e.g. captured by a test runner): do not bother
+        pass
+    try:
+        yield
+    finally:
+        for fd, copy_fd in saved:
+            os.dup2(copy_fd, fd)
+            os.close(copy_fd)
+
+
+def peak_memory(step: Callable[[], Any], held: Callable[[], int], device: torch.device) -> int:
+    """Peak bytes during one call of ``step``: ``held()`` bytes at its start plus the peak net growth."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, base = torch.cuda.memory_allocated(device), held()
+        step()
+        _sync(device)
+        return base + torch.cuda.max_memory_allocated(device) - start
+    import sys
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    base = held()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with warnings.catch_warnings(), _quiet_fds():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return base + peak
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# -------------------------------------------------------------------------------------------------
+# one benchmarked model
+# -------------------------------------------------------------------------------------------------
+
+class _Runner:
+    """One model in one mode: its step function and the measurements taken of it."""
+
+    def __init__(self, spec: str, mode: str, cfg: BenchConfig, device: torch.device, input_size: int):
+        from ..train.config import TrainConfig
+        from ..train.engine import build_optimizer
+
+        self.spec, self.mode = spec, mode
+        name, fused = parse_spec(spec)
+        torch.manual_seed(cfg.seed)
+        kwargs = dict(cfg.model_kwargs)
+        kwargs.setdefault("img_size", input_size)  # the engine's convention: models take img_size
+        model = create_model(name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
+        self.params = sum(p.numel() for p in model.parameters())
+        train = mode == "train"
+        model.train(train)
+        if fused:
+            model = deploy(model)
+        model.to(device)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(memory_format=fmt)
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.x = torch.randn(cfg.batch_size, cfg.in_chans, input_size, input_size, generator=g).to(device)
+        self.x = self.x.contiguous(memory_format=fmt)
+        self.y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
+        self.model = model
+        self.flops = count_flops(model, self.x, train) / cfg.batch_size
+        fwd = torch.compile(model) if cfg.compile else model
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
+
+        def autocast():
+            if amp_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+        if train:
+            self.opt = build_optimizer(model, TrainConfig())  # the engine's default optimizer
+            scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+            def step():
+                self.opt.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = F.cross_entropy(fwd(self.x).float(), self.y)
+                scaler.scale(loss).backward()
+                scaler.step(self.opt)
+                scaler.update()
+        else:
+            self.opt = None
+
+            def step():
+                with torch.inference_mode(), autocast():
+                    fwd(self.x)
+        self.step = step
+        self.times: list[float] = []  # per-step seconds
+        self.rounds: list[float] = []  # per-round seconds
+
+    def held_bytes(self) -> int:
+        state = [v for s in (self.opt.state.values() if self.opt else []) for v in s.values()]
+        return _tensor_bytes([*self.model.parameters(), *(p.grad for p in self.model.parameters()),
+                              *self.model.buffers(), *state, self.x, self.y])
+
+    def timed_round(self, steps: int, device: torch.device) -> None:
+        total = 0.0
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            self.step()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            self.times.append(dt)
+            total += dt
+        self.rounds.append(total)
+
+
+# -------------------------------------------------------------------------------------------------
+# the benchmark
+# -------------------------------------------------------------------------------------------------
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every model of ``cfg`` side by side; return ``{"config", "machine", "peak", "rows"}``.
+
+    ``log`` receives progress lines (the CLI prints them to stderr).
+    """
+    cfg.validate()
+    log = log or (lambda s: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    input_size = cfg.input_size
+    if input_size is None:
+        first = create_model(parse_spec(cfg.models[0])[0], num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                             **cfg.model_kwargs)
+        input_size = int(first.default_cfg["input_size"][-1])
+        del first
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[cfg.amp]
+    peaks: list[float] = []  # the matmul peak is re-measured in every round, beside the models
+
+    def measure_peak() -> None:
+        if cfg.peak:
+            peaks.append(matmul_peak(device, dtype, cfg.peak_size, repeats=3))
+
+    rows = []
+    for mode in cfg.modes:
+        runners = []
+        for spec in cfg.models:
+            log(f"[{mode}] building {spec}")
+            runners.append(_Runner(spec, mode, cfg, device, input_size))
+        for r in runners:  # warm-up (and compilation) before anything is timed
+            log(f"[{mode}] warm-up {r.spec}")
+            for _ in range(max(cfg.warmup, 1 if cfg.compile else 0)):
+                r.step()
+            _sync(device)
+        first_peak = len(peaks)
+        mem = {}
+        if cfg.memory:
+            for r in runners:
+                mem[id(r)] = peak_memory(r.step, r.held_bytes, device)
+        for i in range(cfg.repeats):
+            order = runners if i % 2 == 0 else runners[::-1]
+            measure_peak()
+            for r in order:
+                r.timed_round(cfg.steps, device)
+            log(f"[{mode}] round {i + 1}/{cfg.repeats}: " + ", ".join(
+                f"{r.spec} {cfg.batch_size * cfg.steps / r.rounds[-1]:.0f} img/s" for r in runners))
+        base = runners[0]
+        mode_peaks = peaks[first_peak:]
+        for r in runners:
+            med = statistics.median(r.times)
+            img_s = cfg.batch_size / med
+            gflops = r.flops * img_s / 1e9
+            rows.append({
+                "model": r.spec, "mode": mode, "params": r.params, "batch_size": cfg.batch_size,
+                "img_per_s": img_s,
+                "step_ms": {"median": med * 1e3, "min": min(r.times) * 1e3, "max": max(r.times) * 1e3},
+                "ratio": statistics.median(b / t for b, t in zip(base.rounds, r.rounds)),
+                "flops_per_img": r.flops, "gflops_per_s": gflops,
+                # paired with the matmul peak of the same round, like the ratio
+                "peak_frac": statistics.median(cfg.batch_size * cfg.steps * r.flops / t / p
+                                               for t, p in zip(r.rounds, mode_peaks)) if mode_peaks else None,
+                "peak_mem_mb": mem[id(r)] / 2**20 if id(r) in mem else None,
+                "rounds_s": r.rounds,
+            })
+        del runners
+    peak = statistics.median(peaks) if peaks else None
+    return {"config": {**asdict(cfg), "input_size": input_size}, "machine": machine_info(device),
+            "peak": {"gflops_per_s": peak / 1e9 if peak else None,
+                     "rounds_gflops_per_s": [p / 1e9 for p in peaks], "dtype": str(dtype).replace("torch.", ""),
+                     "size": cfg.peak_size},
+            "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows of :func:`run_bench` as an aligned text table (ratio is to the first model)."""
+    cfg, peak = result["config"], result["peak"]
+    head = (f"{'mode':<6}{'model':<22}{'params':>9}{'GFLOP/img':>10}{'img/s':>9}{'ratio':>7}"
+            f"{'step ms med/min/max':>22}{'GFLOP/s':>9}{'%peak':>7}{'mem MB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        ms = r["step_ms"]
+        lat = f"{ms['median']:.1f}/{ms['min']:.1f}/{ms['max']:.1f}"
+        frac = f"{r['peak_frac'] * 100:.1f}%" if r["peak_frac"] is not None else "-"
+        mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else "-"
+        lines.append(f"{r['mode']:<6}{r['model']:<22}{r['params'] / 1e6:>8.3f}M{r['flops_per_img'] / 1e9:>10.4f}"
+                     f"{r['img_per_s']:>9.1f}{r['ratio']:>7.3f}{lat:>22}{r['gflops_per_s']:>9.1f}{frac:>7}{mem:>9}")
+    m = result["machine"]
+    foot = (f"batch {cfg['batch_size']}, input {cfg['in_chans']}x{cfg['input_size']}x{cfg['input_size']}, "
+            f"{cfg['repeats']} alternating rounds x {cfg['steps']} steps, device {m['device']}, "
+            f"{m['threads']} thread(s), torch {m['torch']}, {m['cpu']}")
+    if cfg["channels_last"] or cfg["compile"] or cfg["amp"]:
+        foot += ", " + ", ".join(k for k in ("channels_last", "compile") if cfg[k]) + (
+            f" amp {cfg['amp']}" if cfg["amp"] else "")
+    if peak["gflops_per_s"]:
+        foot += (f"\ndense {peak['dtype']} matmul peak ({peak['size']}^2, median of rounds): "
+                 f"{peak['gflops_per_s']:.1f} GFLOP/s")
+    return "\n".join(lines + [foot])

@@ -1,0 +1,125 @@
+"""ONNX export with an onnxruntime parity check.
+
+:func:`export_onnx` writes a model (by default its :func:`~pnnh.bench.fuse.deploy`-ed form:
+BatchNorm folded, a plain net as a pure conv-ReLU chain) to an ONNX file with a dynamic batch
+dimension, then runs the file in onnxruntime on a random batch and compares the logits with the
+*unfused* PyTorch model in eval mode. A mismatch larger than ``atol + rtol * |reference|`` raises
+:class:`ExportError`, so a file that is written has been checked.
+
+``onnx`` and ``onnxruntime`` are the optional extra ``pnnh[export]``; without onnxruntime the
+export fails with an install hint unless ``check=False``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import PnnhError
+from .fuse import deploy
+
+__all__ = ["export_onnx", "ExportError", "onnxruntime_available"]
+
+INSTALL_HINT = "install the export extra: pip install 'pnnh[export]' (onnx, onnxruntime)"
+
+
+class ExportError(PnnhError):
+    """The model could not be exported, or the exported file disagrees with PyTorch."""
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _input_shape(model: nn.Module, input_size: int | None) -> tuple[int, int, int]:
+    c, h, w = getattr(model, "default_cfg", {}).get("input_size", (getattr(model, "in_chans", 3), 224, 224))
+    if input_size is not None:
+        h = w = input_size
+    return int(c), int(h), int(w)
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = None, fused: bool = True,
+                opset: int = 17, check: bool = True, batch_size: int = 4, atol: float = 1e-4,
+                rtol: float = 1e-4, seed: int = 0) -> dict[str, Any]:
+    """Export ``model`` to ONNX at ``path`` and (``check``) verify it in onnxruntime.
+
+    Args:
+        model: a pnnh model (any ``nn.Module`` with ``default_cfg["input_size"]``, or give ``input_size``).
+        path: the ``.onnx`` file to write (parent directories are created).
+        input_size: image height/width; default from ``model.default_cfg``.
+        fused: export :func:`deploy(model) <pnnh.bench.fuse.deploy>` (BatchNorm folded) instead of the model.
+        opset: ONNX opset version.
+        check: run the file in onnxruntime and compare with the unfused eval-mode model.
+        batch_size: batch of the parity check (the exported batch dimension is dynamic).
+
+    Returns:
+        ``{"path", "fused", "opset", "input_shape", "max_abs_diff", "checked", "bytes"}``.
+    """
+    if check and not onnxruntime_available():
+        raise ExportError(f"the onnxruntime parity check needs onnxruntime: {INSTALL_HINT}, or pass check=False")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        shape = _input_shape(model, input_size)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, *shape, generator=g)
+        target = deploy(model) if fused else model
+        with torch.no_grad():
+            reference = model(x)
+        _export(target, x[:1], path, opset)
+    finally:
+        model.train(was_training)
+    out = {"path": str(path), "fused": fused, "opset": opset, "input_shape": list(shape), "checked": False,
+           "max_abs_diff": None, "bytes": path.stat().st_size}
+    if check:
+        got = torch.from_numpy(run_onnx(path, x.numpy()))
+        if got.shape != reference.shape:
+            raise ExportError(f"onnxruntime output shape {tuple(got.shape)} != PyTorch {tuple(reference.shape)}")
+        diff = (got - reference).abs()
+        out["max_abs_diff"] = float(diff.max())
+        bad = diff > atol + rtol * reference.abs()
+        if bad.any():
+            raise ExportError(f"onnxruntime disagrees with PyTorch: max |diff| {out['max_abs_diff']:.3g} "
+                              f"(tolerance {atol:g} + {rtol:g}*|y|) on {int(bad.sum())} of {bad.numel()} outputs")
+        out["checked"] = True
+    return out
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and constant-folding chatter of the exporters
+        try:
+            # The TorchScript-based exporter: fast (well under a second for our nets) and needs no
+            # extra package. Newer torch may drop it; then use the torch.export-based one.
+            torch.onnx.export(model, (example,), str(path), dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+            return
+        except TypeError:  # a torch without the dynamo= switch
+            pass
+        except Exception as e:
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
+        except Exception as e:
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def run_onnx(path: str | Path, x) -> Any:
+    """Run an exported file in onnxruntime (CPU) on the numpy array ``x``; return the first output."""
+    if not onnxruntime_available():
+        raise ExportError(INSTALL_HINT)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

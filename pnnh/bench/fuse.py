@@ -1,0 +1,224 @@
+"""Deployment fusion: fold BatchNorm into convs and turn plain nets into a pure conv-ReLU chain.
+
+:func:`deploy` is a generic ``torch.fx`` graph pass, so it works for any fx-traceable model,
+not only the families it was written against:
+
+1. **Trace** the model in eval mode. Modules that implement the *plain-conv protocol* (below)
+   are kept as leaves, so their insides need not be traceable.
+2. **Plain-conv protocol.** A module with a method ``as_plain_conv()`` is replaced by what that
+   method returns: an ``nn.Conv2d``, or an ``nn.Sequential`` of ``Conv2d`` / ``BatchNorm2d`` /
+   ``ReLU`` layers, that computes exactly the module's eval-mode output. A PNNH layer whose
+   coder shares the learner's input (a conv with tied, mirrored rows ``[W_l; W_c; -W_c]``) thus
+   becomes one ordinary conv; the folding below then sees a plain ``conv -> BN -> ReLU``.
+3. **Drop no-ops**: ``nn.Identity`` and dropout modules (eval mode) are removed from the graph.
+4. **Fold BatchNorm** into the conv that feeds it when that conv has no other user:
+   ``W' = W * g / sqrt(v + eps)`` per output channel and ``b' = beta + (b - m) * g / sqrt(v + eps)``
+   with ``g, beta`` the affine parameters and ``m, v`` the running statistics.
+5. **Chain**: if what is left is a straight line of modules (every node feeds only the next,
+   as in a plain net), return it as an ``nn.Sequential`` (``torch.flatten(x, 1)`` becomes
+   ``nn.Flatten``); otherwise (residual nets keep their adds) return the ``fx.GraphModule``.
+
+The result is an inference artefact: its outputs equal the eval-mode model's to float rounding
+(tests check 1e-4), it must not be trained (the BatchNorm statistics are baked in) and it keeps
+the source model's ``pnnh_name``, ``pnnh_kwargs`` and ``default_cfg``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+__all__ = ["deploy", "fold_conv_bn", "is_chain"]
+
+_NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _DeployTracer(fx.Tracer):
+    """fx tracer that keeps modules implementing ``as_plain_conv()`` as single leaf calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return callable(getattr(m, "as_plain_conv", None)) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A new conv computing ``bn(conv(x))`` with ``bn`` in eval mode (weights copied, never shared)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ConfigError(f"cannot fold {bn}: it keeps no running statistics (track_running_stats=False)")
+    fused = copy.deepcopy(conv)
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)  # fold in float64, then round once
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    b = shift if conv.bias is None else conv.bias.double() * scale + shift
+    fused.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
+    fused.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+    return fused
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    names, i = dict(gm.named_modules()), 0
+    while f"{base}_{i}" in names:
+        i += 1
+    return f"{base}_{i}"
+
+
+def _replace_plain_conv_layers(gm: fx.GraphModule) -> None:
+    """Apply the plain-conv protocol: ``m.as_plain_conv()`` replaces ``m`` in the graph."""
+    for node in list(gm.graph.nodes):
+        mod = _module(gm, node)
+        if mod is None or not callable(getattr(mod, "as_plain_conv", None)):
+            continue
+        repl = copy.deepcopy(mod.as_plain_conv())  # never share modules with the layer it replaces
+        layers = list(repl) if isinstance(repl, nn.Sequential) else [repl]
+        if not layers or not all(isinstance(l, (*_CONV, *_BN, nn.ReLU, nn.Identity)) for l in layers):
+            raise ConfigError(f"{type(mod).__name__}.as_plain_conv() must return an nn.Conv2d or an nn.Sequential "
+                              f"of Conv2d/BatchNorm2d/ReLU, got {type(repl).__name__}")
+        if len(node.args) != 1 or node.kwargs:
+            raise ConfigError(f"{type(mod).__name__} implements as_plain_conv() but is called with more than one input")
+        if len(layers) == 1:
+            _set_module(gm, node.target, layers[0].eval())
+            continue
+        prev = node.args[0]
+        with gm.graph.inserting_before(node):
+            for i, layer in enumerate(layers):
+                target = f"{node.target}_plain{i}"
+                gm.add_submodule(target, layer.eval())
+                prev = gm.graph.call_module(target, (prev,))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)  # the original layer, no longer called, is dropped at the end
+
+
+def _drop_noops(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if isinstance(_module(gm, node), _NOOP_MODULES) and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _fold_batchnorms(gm: fx.GraphModule) -> int:
+    """Fold every ``conv -> BN`` pair whose conv output feeds nothing but the BN; return how many."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, _BN) or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        conv = _module(gm, src)
+        if not isinstance(conv, _CONV) or len(src.users) != 1 or conv.out_channels != bn.num_features:
+            continue
+        fused = fold_conv_bn(conv, bn)
+        if calls[src.target] == 1:  # the conv module is called once: replace it where it is
+            _set_module(gm, src.target, fused)
+        else:  # a weight-shared conv called elsewhere too: give this call its own fused copy
+            target = _unique_name(gm, src.target.replace(".", "_") + "_fused")
+            gm.add_submodule(target, fused)
+            src.target = target
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _chain_module(node: fx.Node, gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
+    """The module that computes ``node`` from its single input, or None if there is none."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        return node.target.replace(".", "_"), gm.get_submodule(node.target)
+    if node.op == "call_function" and node.target is torch.flatten and len(node.args) <= 3:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return f"flatten_{node.name}", nn.Flatten(start, end)
+    if node.op == "call_function" and node.target in (torch.relu, nn.functional.relu) and len(node.args) == 1:
+        return f"relu_{node.name}", nn.ReLU()
+    return None
+
+
+def _as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
+    """``gm`` as an ``nn.Sequential`` if its graph is one straight line of single-input modules."""
+    nodes = list(gm.graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    prev = nodes[0]
+    for node in nodes[1:-1]:
+        if len(node.all_input_nodes) != 1 or node.all_input_nodes[0] is not prev or len(prev.users) != 1:
+            return None
+        if node.args[0] is not prev:
+            return None
+        item = _chain_module(node, gm)
+        if item is None:
+            return None
+        layers[item[0]] = item[1]
+        prev = node
+    if nodes[-1].args[0] is not prev or len(prev.users) != 1:
+        return None
+    return nn.Sequential(layers)
+
+
+def is_chain(model: nn.Module) -> bool:
+    """True for a deployed pure chain (an ``nn.Sequential`` without residual adds or branches)."""
+    return isinstance(model, nn.Sequential)
+
+
+def deploy(model: nn.Module, *, chain: bool = True) -> nn.Module:
+    """An inference-only copy of ``model`` with BatchNorm folded away (see the module docstring).
+
+    Args:
+        model: any fx-traceable model (plain, residual, PNNH ...). Not modified.
+        chain: return an ``nn.Sequential`` when the folded graph is a straight line (plain nets).
+
+    Returns:
+        an eval-mode ``nn.Sequential`` (pure chain) or ``torch.fx.GraphModule`` whose outputs
+        equal ``model.eval()(x)`` up to float rounding.
+
+    Raises:
+        ConfigError: the model cannot be traced by ``torch.fx`` (data-dependent control flow).
+    """
+    src = copy.deepcopy(model).eval()
+    try:
+        graph = _DeployTracer().trace(src)
+    except Exception as e:  # fx raises many types for untraceable code; report it as one clear error
+        raise ConfigError(f"cannot deploy {type(model).__name__}: torch.fx could not trace it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    gm = fx.GraphModule(src, graph, class_name=f"Deployed{type(model).__name__}")
+    _replace_plain_conv_layers(gm)
+    _drop_noops(gm)
+    _fold_batchnorms(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    out: nn.Module = (_as_sequential(gm) if chain else None) or gm
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    for attr in ("pnnh_name", "pnnh_kwargs", "default_cfg", "num_classes", "in_chans"):
+        if hasattr(model, attr):
+            setattr(out, attr, copy.deepcopy(getattr(model, attr)))
+    out.pnnh_deployed = True
+    return out
+

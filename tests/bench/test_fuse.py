@@ -1,0 +1,172 @@
+"""Deployment fusion: BatchNorm folded into convs, plain nets become a pure conv-ReLU chain."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pnnh
+from pnnh.bench.fuse import deploy, fold_conv_bn
+from pnnh.errors import ConfigError
+
+
+def _randomise_bn(model: nn.Module, calibrate: torch.Tensor | None = None) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics, as after training.
+
+    With ``calibrate``, the running statistics are those of that batch (one train-mode pass with a
+    cumulative average), so activations stay O(1) through a deep net as in a trained one.
+    """
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            if calibrate is not None:
+                m.reset_running_stats()
+                m.momentum = None
+    if calibrate is not None:
+        was = model.training
+        with torch.no_grad():
+            model.train()(calibrate)
+        model.train(was)
+    return model
+
+
+def _assert_same_outputs(model, deployed, x):
+    with torch.no_grad():
+        ref, got = model.eval()(x), deployed(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# A BatchNorm'd plain164 at init is chaotic: its own fp32 and fp64 outputs differ by O(1), so no
+# rewrite can match it to 1e-4 in fp32. It is compared in float64, where any folding error would show.
+@pytest.mark.parametrize("name,dtype", [("plain20", torch.float32), ("plain56", torch.float32),
+                                        ("plain18", torch.float32), ("plain164", torch.float64)])
+def test_plain_nets_become_a_pure_conv_relu_chain(name, dtype):
+    model = pnnh.create_model(name, width=0.5, img_size=32).to(dtype)
+    model = _randomise_bn(model, torch.randn(16, 1, 32, 32, dtype=dtype)).train()
+    deployed = pnnh.deploy(model)
+    assert isinstance(deployed, nn.Sequential)
+    allowed = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear)
+    assert all(isinstance(m, allowed) for m in deployed), [type(m).__name__ for m in deployed]
+    convs = [m for m in deployed if isinstance(m, nn.Conv2d)]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert all(c.bias is not None for c in convs)
+    assert not any(p.requires_grad for p in deployed.parameters())
+    assert model.training and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # source untouched
+    assert deployed.pnnh_name == name and deployed.default_cfg == model.default_cfg
+    _assert_same_outputs(model, deployed, torch.randn(3, 1, 32, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+def test_residual_nets_fold_every_batchnorm_and_keep_their_adds(name):
+    model = _randomise_bn(pnnh.create_model(name, width=0.25, img_size=32), torch.randn(16, 1, 32, 32))
+    deployed = pnnh.deploy(model)
+    assert isinstance(deployed, torch.fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    _assert_same_outputs(model, deployed, torch.randn(3, 1, 32, 32))
+
+
+def test_preact_nets_fold_what_follows_a_conv_only():
+    model = _randomise_bn(pnnh.create_model("preact_resnet20", width=0.5))
+    deployed = pnnh.deploy(model)
+    # folded: bn2 (after conv1) of the 9 blocks and the BN of the 2 projection shortcuts; kept: each
+    # block's bn1 and the final norm, which normalise a sum (no conv right before them)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 21
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in deployed.modules()) == 10
+    _assert_same_outputs(model, deployed, torch.randn(3, 1, 28, 28))
+
+
+def test_fold_conv_bn_matches_the_two_layers_and_torch():
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1, bias=True).eval(), _randomise_bn(nn.Sequential(nn.BatchNorm2d(6)))[0].eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fold_conv_bn(conv, bn)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        ref = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        torch.testing.assert_close(fused.weight, ref.weight)
+        torch.testing.assert_close(fused.bias, ref.bias)
+    with pytest.raises(ConfigError, match="running statistics"):
+        fold_conv_bn(conv, nn.BatchNorm2d(6, track_running_stats=False))
+
+
+# -- the plain-conv protocol: a module with as_plain_conv() is replaced by that conv -------------------
+
+class MirroredLayer(nn.Module):
+    """A toy PNNH-style layer: learner conv plus a coder conv emitted with its mirror image.
+
+    ``forward`` is deliberately not fx-traceable (it branches on a tensor value): the protocol
+    keeps such layers as leaves and never traces inside them.
+    """
+
+    def __init__(self, cin, learn, code, as_sequential=False):
+        super().__init__()
+        self.learner = nn.Conv2d(cin, learn, 3, padding=1, bias=False)
+        self.coder = nn.Conv2d(cin, code, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(learn + 2 * code) if as_sequential else None
+
+    def forward(self, x):
+        if x.sum() > 1e30:  # data-dependent branch: symbolic tracing would fail here
+            return x
+        c = self.coder(x)
+        out = torch.cat([self.learner(x), c, -c], 1)
+        return self.norm(out) if self.norm is not None else out
+
+    def as_plain_conv(self):
+        w = torch.cat([self.learner.weight, self.coder.weight, -self.coder.weight])
+        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False)
+        conv.weight = nn.Parameter(w.detach().clone())
+        return conv if self.norm is None else nn.Sequential(conv, self.norm)
+
+
+class ToyPnnhNet(nn.Module):
+    def __init__(self, as_sequential=False):
+        super().__init__()
+        self.layer1 = MirroredLayer(1, 4, 2, as_sequential)
+        self.bn1, self.act1 = nn.BatchNorm2d(8), nn.ReLU()
+        self.layer2 = MirroredLayer(8, 4, 4, as_sequential)
+        self.bn2, self.act2 = nn.BatchNorm2d(12), nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.layer1(x)))
+        x = self.act2(self.bn2(self.layer2(x)))
+        return self.fc(self.drop(torch.flatten(x.mean((2, 3), keepdim=True), 1)))
+
+
+@pytest.mark.parametrize("as_sequential", [False, True])
+def test_as_plain_conv_protocol_turns_pnnh_style_layers_into_a_plain_chain(as_sequential):
+    model = _randomise_bn(ToyPnnhNet(as_sequential))
+    deployed = deploy(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, MirroredLayer, nn.Dropout)) for m in deployed.modules())
+    convs = [m for m in deployed.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 12]
+    _assert_same_outputs(model, deployed, torch.randn(4, 1, 12, 12))
+
+
+def test_a_weight_shared_conv_gets_one_fused_copy_per_call():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn_b(self.conv(torch.relu(self.bn_a(self.conv(x))))))
+
+    model = _randomise_bn(Shared())
+    deployed = deploy(model)
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    _assert_same_outputs(model, deployed, torch.randn(2, 4, 6, 6))
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ConfigError, match="torch.fx could not trace"):
+        deploy(Branchy())
