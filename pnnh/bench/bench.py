@@ -23,8 +23,13 @@ What one row reports (per model and mode):
   so numbers compare across devices; allocator caching and fragmentation are not included.
 - ``params``: trainable + frozen parameter count of the model as built.
 
-Model specs are registered names, optionally with ``:fused`` (inference of
-:func:`pnnh.deploy` applied to the model), e.g. ``plain56,plain56:fused``.
+A model spec is a registered name followed by options that apply to that model only, so one
+run can measure the effect of a setting side by side:
+
+- ``:fused`` -- :func:`pnnh.deploy` the model first (inference only);
+- ``:channels_last``, ``:compile``, ``:bf16``, ``:fp16`` -- as the global flags, for this model.
+
+e.g. ``plain56,plain56:fused`` or ``resnet56,resnet56:channels_last,resnet56:bf16``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from .fuse import deploy
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
 MODES = ("train", "infer")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
 
 @dataclass
@@ -90,9 +96,9 @@ class BenchConfig:
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"input_size must be >= 1, got {self.input_size}")
         for spec in self.models:
-            name, fused = parse_spec(spec)
-            model_info(name)  # unknown names fail here, with close matches
-            if fused and self.mode != "infer":
+            ms = parse_spec(spec, self)
+            model_info(ms.name)  # unknown names fail here, with close matches
+            if ms.fused and self.mode != "infer":
                 raise ConfigError(f"{spec}: a fused (deployed) model is for inference only; use --mode infer")
         return self
 
@@ -101,12 +107,33 @@ class BenchConfig:
         return MODES if self.mode == "both" else (self.mode,)
 
 
-def parse_spec(spec: str) -> tuple[str, bool]:
-    """``"plain56:fused"`` -> ``("plain56", True)``."""
-    name, _, suffix = spec.strip().partition(":")
-    if suffix not in ("", "fused"):
-        raise ConfigError(f"model spec {spec!r}: the only suffix is ':fused'")
-    return name, suffix == "fused"
+SPEC_OPTIONS = ("fused", "channels_last", "compile", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked variant: a registered name and the settings that apply to it."""
+
+    name: str
+    fused: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    amp: str | None = None
+
+
+def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
+    """``"plain56:fused:channels_last"`` -> a :class:`ModelSpec`; ``cfg``'s global flags fill in the rest."""
+    name, *opts = [p.strip() for p in spec.strip().split(":")]
+    bad = [o for o in opts if o not in SPEC_OPTIONS]
+    if bad or not name:
+        raise ConfigError(f"model spec {spec!r}: options after the name are {', '.join(SPEC_OPTIONS)}")
+    amps = [o for o in opts if o in ("bf16", "fp16")]
+    if len(amps) > 1:
+        raise ConfigError(f"model spec {spec!r}: give at most one of bf16 / fp16")
+    return ModelSpec(name, fused="fused" in opts,
+                     channels_last="channels_last" in opts or bool(cfg and cfg.channels_last),
+                     compile="compile" in opts or bool(cfg and cfg.compile),
+                     amp=amps[0] if amps else (cfg.amp if cfg else None))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -240,18 +267,18 @@ class _Runner:
         from ..train.engine import build_optimizer
 
         self.spec, self.mode = spec, mode
-        name, fused = parse_spec(spec)
+        ms = self.ms = parse_spec(spec, cfg)
         torch.manual_seed(cfg.seed)
         kwargs = dict(cfg.model_kwargs)
         kwargs.setdefault("img_size", input_size)  # the engine's convention: models take img_size
-        model = create_model(name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
+        model = create_model(ms.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
         self.params = sum(p.numel() for p in model.parameters())
         train = mode == "train"
         model.train(train)
-        if fused:
+        if ms.fused:
             model = deploy(model)
         model.to(device)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if ms.channels_last else torch.contiguous_format
         model.to(memory_format=fmt)
         g = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.x = torch.randn(cfg.batch_size, cfg.in_chans, input_size, input_size, generator=g).to(device)
@@ -259,8 +286,9 @@ class _Runner:
         self.y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
         self.model = model
         self.flops = count_flops(model, self.x, train) / cfg.batch_size
-        fwd = torch.compile(model) if cfg.compile else model
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
+        fwd = torch.compile(model) if ms.compile else model
+        amp_dtype = AMP_DTYPES[ms.amp]
+        self.dtype = str(amp_dtype or torch.float32).replace("torch.", "")
 
         def autocast():
             if amp_dtype is None:
@@ -269,7 +297,7 @@ class _Runner:
 
         if train:
             self.opt = build_optimizer(model, TrainConfig())  # the engine's default optimizer
-            scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+            scaler = torch.amp.GradScaler(device.type, enabled=ms.amp == "fp16")
 
             def step():
                 self.opt.zero_grad(set_to_none=True)
@@ -332,16 +360,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     device = _resolve_device(cfg.device)
     input_size = cfg.input_size
     if input_size is None:
-        first = create_model(parse_spec(cfg.models[0])[0], num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+        first = create_model(parse_spec(cfg.models[0]).name, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
                              **cfg.model_kwargs)
         input_size = int(first.default_cfg["input_size"][-1])
         del first
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[cfg.amp]
-    peaks: list[float] = []  # the matmul peak is re-measured in every round, beside the models
+    # The matmul peak is re-measured at the start of every round, beside the models, for every
+    # dtype a model computes in (fp32, or its autocast dtype).
+    peaks: dict[str, list[float]] = {}
 
-    def measure_peak() -> None:
-        if cfg.peak:
-            peaks.append(matmul_peak(device, dtype, cfg.peak_size, repeats=3))
+    def measure_peaks(dtypes: set[str]) -> None:
+        for name in sorted(dtypes):
+            peaks.setdefault(name, []).append(matmul_peak(device, getattr(torch, name), cfg.peak_size, repeats=3))
 
     rows = []
     for mode in cfg.modes:
@@ -351,52 +380,52 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
             runners.append(_Runner(spec, mode, cfg, device, input_size))
         for r in runners:  # warm-up (and compilation) before anything is timed
             log(f"[{mode}] warm-up {r.spec}")
-            for _ in range(max(cfg.warmup, 1 if cfg.compile else 0)):
+            for _ in range(max(cfg.warmup, 1 if r.ms.compile else 0)):
                 r.step()
             _sync(device)
-        first_peak = len(peaks)
+        first = {k: len(v) for k, v in peaks.items()}
         mem = {}
         if cfg.memory:
             for r in runners:
                 mem[id(r)] = peak_memory(r.step, r.held_bytes, device)
         for i in range(cfg.repeats):
             order = runners if i % 2 == 0 else runners[::-1]
-            measure_peak()
+            if cfg.peak:
+                measure_peaks({r.dtype for r in runners})
             for r in order:
                 r.timed_round(cfg.steps, device)
             log(f"[{mode}] round {i + 1}/{cfg.repeats}: " + ", ".join(
                 f"{r.spec} {cfg.batch_size * cfg.steps / r.rounds[-1]:.0f} img/s" for r in runners))
         base = runners[0]
-        mode_peaks = peaks[first_peak:]
         for r in runners:
             med = statistics.median(r.times)
             img_s = cfg.batch_size / med
             gflops = r.flops * img_s / 1e9
+            own_peaks = peaks.get(r.dtype, [])[first.get(r.dtype, 0):]
             rows.append({
                 "model": r.spec, "mode": mode, "params": r.params, "batch_size": cfg.batch_size,
                 "img_per_s": img_s,
                 "step_ms": {"median": med * 1e3, "min": min(r.times) * 1e3, "max": max(r.times) * 1e3},
                 "ratio": statistics.median(b / t for b, t in zip(base.rounds, r.rounds)),
-                "flops_per_img": r.flops, "gflops_per_s": gflops,
+                "flops_per_img": r.flops, "gflops_per_s": gflops, "dtype": r.dtype,
                 # paired with the matmul peak of the same round, like the ratio
                 "peak_frac": statistics.median(cfg.batch_size * cfg.steps * r.flops / t / p
-                                               for t, p in zip(r.rounds, mode_peaks)) if mode_peaks else None,
+                                               for t, p in zip(r.rounds, own_peaks)) if own_peaks else None,
                 "peak_mem_mb": mem[id(r)] / 2**20 if id(r) in mem else None,
                 "rounds_s": r.rounds,
             })
         del runners
-    peak = statistics.median(peaks) if peaks else None
     return {"config": {**asdict(cfg), "input_size": input_size}, "machine": machine_info(device),
-            "peak": {"gflops_per_s": peak / 1e9 if peak else None,
-                     "rounds_gflops_per_s": [p / 1e9 for p in peaks], "dtype": str(dtype).replace("torch.", ""),
-                     "size": cfg.peak_size},
+            "peak": {"size": cfg.peak_size,
+                     "gflops_per_s": {k: statistics.median(v) / 1e9 for k, v in peaks.items()},
+                     "rounds_gflops_per_s": {k: [p / 1e9 for p in v] for k, v in peaks.items()}},
             "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows of :func:`run_bench` as an aligned text table (ratio is to the first model)."""
     cfg, peak = result["config"], result["peak"]
-    head = (f"{'mode':<6}{'model':<22}{'params':>9}{'GFLOP/img':>10}{'img/s':>9}{'ratio':>7}"
+    head = (f"{'mode':<6}{'model':<28}{'params':>9}{'GFLOP/img':>10}{'img/s':>9}{'ratio':>7}"
             f"{'step ms med/min/max':>22}{'GFLOP/s':>9}{'%peak':>7}{'mem MB':>9}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
@@ -404,16 +433,15 @@ def format_table(result: dict[str, Any]) -> str:
         lat = f"{ms['median']:.1f}/{ms['min']:.1f}/{ms['max']:.1f}"
         frac = f"{r['peak_frac'] * 100:.1f}%" if r["peak_frac"] is not None else "-"
         mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else "-"
-        lines.append(f"{r['mode']:<6}{r['model']:<22}{r['params'] / 1e6:>8.3f}M{r['flops_per_img'] / 1e9:>10.4f}"
+        lines.append(f"{r['mode']:<6}{r['model']:<28}{r['params'] / 1e6:>8.3f}M{r['flops_per_img'] / 1e9:>10.4f}"
                      f"{r['img_per_s']:>9.1f}{r['ratio']:>7.3f}{lat:>22}{r['gflops_per_s']:>9.1f}{frac:>7}{mem:>9}")
     m = result["machine"]
     foot = (f"batch {cfg['batch_size']}, input {cfg['in_chans']}x{cfg['input_size']}x{cfg['input_size']}, "
             f"{cfg['repeats']} alternating rounds x {cfg['steps']} steps, device {m['device']}, "
             f"{m['threads']} thread(s), torch {m['torch']}, {m['cpu']}")
-    if cfg["channels_last"] or cfg["compile"] or cfg["amp"]:
-        foot += ", " + ", ".join(k for k in ("channels_last", "compile") if cfg[k]) + (
-            f" amp {cfg['amp']}" if cfg["amp"] else "")
-    if peak["gflops_per_s"]:
-        foot += (f"\ndense {peak['dtype']} matmul peak ({peak['size']}^2, median of rounds): "
-                 f"{peak['gflops_per_s']:.1f} GFLOP/s")
+    flags = [k for k in ("channels_last", "compile") if cfg[k]] + ([f"amp {cfg['amp']}"] if cfg["amp"] else [])
+    if flags:
+        foot += ", all models: " + ", ".join(flags)
+    for dtype, gflops in peak["gflops_per_s"].items():
+        foot += f"\ndense {dtype} matmul peak ({peak['size']}^2, median of rounds): {gflops:.1f} GFLOP/s"
     return "\n".join(lines + [foot])

@@ -39,7 +39,8 @@ def test_rows_cover_every_model_and_mode_with_sane_values(both_modes):
     # backward costs about twice the forward (input and weight gradients; the stem needs no input grad)
     assert 2.5 < train["flops_per_img"] / infer["flops_per_img"] <= 3.0
     assert train["peak_mem_mb"] > infer["peak_mem_mb"]  # activations kept for backward, grads, momentum
-    assert both_modes["peak"]["gflops_per_s"] > 0 and len(both_modes["peak"]["rounds_gflops_per_s"]) == 4
+    assert both_modes["peak"]["gflops_per_s"]["float32"] > 0
+    assert len(both_modes["peak"]["rounds_gflops_per_s"]["float32"]) == 4  # every round of both modes
     table = format_table(both_modes)
     assert "ratio" in table and "plain20" in table and "matmul peak" in table
 
@@ -63,11 +64,21 @@ def test_fused_spec_benchmarks_the_deployed_model():
     assert fused["peak_frac"] is None and fused["peak_mem_mb"] is None
 
 
+def test_per_model_options_apply_to_that_model_only():
+    res = run_bench(BenchConfig(models=["plain20", "plain20:channels_last:bf16"], mode="infer", memory=False, **TINY))
+    plain, variant = res["rows"]
+    assert (plain["dtype"], variant["dtype"]) == ("float32", "bfloat16")
+    assert set(res["peak"]["gflops_per_s"]) == {"float32", "bfloat16"}  # each row against its own dtype's peak
+    assert variant["peak_frac"] > 0
+
+
 def test_bad_configs_are_clear_errors():
     with pytest.raises(ConfigError, match="inference only"):
         BenchConfig(models=["plain20:fused"], mode="train").validate()
-    with pytest.raises(ConfigError, match="suffix"):
+    with pytest.raises(ConfigError, match="options after the name"):
         BenchConfig(models=["plain20:onnx"]).validate()
+    with pytest.raises(ConfigError, match="at most one"):
+        BenchConfig(models=["plain20:bf16:fp16"]).validate()
     with pytest.raises(ModelNotFoundError, match="plain20"):
         BenchConfig(models=["plian20"]).validate()
     with pytest.raises(ConfigError, match="mode"):
