@@ -111,7 +111,8 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--device", help="cpu, cuda or auto [cpu].")
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), help="Mixed precision.")
-@click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="NHWC memory format [on: 1.3x faster CPU training, docs/benchmarks.md].")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under DDP on CUDA: SyncBatchNorm over the global batch.")
 @click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps (default: each epoch).")
@@ -138,8 +139,9 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
         values["augment"] = augment
     if no_progress:
         values["progress"] = False
-    for field, flag in (("channels_last", channels_last), ("compile", compile_), ("sync_bn", sync_bn),
-                        ("resume", resume)):
+    if channels_last is not None:
+        values["channels_last"] = channels_last
+    for field, flag in (("compile", compile_), ("sync_bn", sync_bn), ("resume", resume)):
         if flag:
             values[field] = True
     if "epochs" in values and "steps" in values and flags.get("steps") is not None and flags.get("epochs") is None:

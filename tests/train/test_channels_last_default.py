@@ -1,0 +1,18 @@
+"""channels_last is the engine default (measured faster, docs/benchmarks.md) and changes no results."""
+
+import torch
+from safetensors.torch import load_file
+
+from pnnh.train import TrainConfig, train
+
+
+def test_channels_last_is_the_default_and_trains_the_same_model(tmp_path, fmnist_dir):
+    assert TrainConfig().channels_last is True
+    base = dict(model="resnet20", data="fashion-mnist", train_subset=256, test_subset=128, batch_size=64, steps=4,
+                progress=False, model_kwargs={"width": 0.5})
+    nhwc = train(TrainConfig(**base, out=str(tmp_path / "nhwc")))
+    nchw = train(TrainConfig(**base, channels_last=False, out=str(tmp_path / "nchw")))
+    assert abs(nhwc["test_loss"] - nchw["test_loss"]) < 1e-3
+    wa, wb = load_file(str(tmp_path / "nhwc/model.safetensors")), load_file(str(tmp_path / "nchw/model.safetensors"))
+    for k in wa:  # only the order of float additions differs between the two memory formats
+        torch.testing.assert_close(wa[k].contiguous(), wb[k].contiguous(), rtol=1e-3, atol=1e-4, msg=k)
