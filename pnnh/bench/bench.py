@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import create_model, model_info
-from .fuse import deploy
+from .fuse import deploy, unfused_kernels
 
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
@@ -169,11 +169,11 @@ def count_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
 
     counter = FlopCounterMode(display=False)
     if train:
-        with counter:
+        with counter, unfused_kernels():
             model(x).float().sum().backward()
         model.zero_grad(set_to_none=True)
     else:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), unfused_kernels():  # the counter does not know oneDNN's fused conv
             model(x)
     return int(counter.get_total_flops())
 

@@ -70,7 +70,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
         shape = _input_shape(model, input_size)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch_size, *shape, generator=g)
-        target = deploy(model) if fused else model
+        # portable graph: BN folded, but plain Conv/Relu nodes (onnxruntime fuses those itself)
+        target = deploy(model, fuse_relu=False, channels_last=False) if fused else model
         with torch.no_grad():
             reference = model(x)
         _export(target, x[:1], path, opset)

@@ -14,9 +14,18 @@ not only the families it was written against:
 4. **Fold BatchNorm** into the conv that feeds it when that conv has no other user:
    ``W' = W * g / sqrt(v + eps)`` per output channel and ``b' = beta + (b - m) * g / sqrt(v + eps)``
    with ``g, beta`` the affine parameters and ``m, v`` the running statistics.
-5. **Chain**: if what is left is a straight line of modules (every node feeds only the next,
+5. **Fuse ReLU** (``fuse_relu=True``) into the conv that feeds it when nothing else reads the
+   conv's output: a :class:`ConvReLU2d` runs both as one oneDNN kernel on CPU (the ReLU is the
+   convolution's post-op, so the activation tensor is written once instead of written, read and
+   written again); elsewhere, or while exporting/tracing, it runs ``relu(conv(x))``.
+6. **Chain**: if what is left is a straight line of modules (every node feeds only the next,
    as in a plain net), return it as an ``nn.Sequential`` (``torch.flatten(x, 1)`` becomes
    ``nn.Flatten``); otherwise (residual nets keep their adds) return the ``fx.GraphModule``.
+7. **Memory format** (``channels_last=True``): conv weights in NHWC order, so every activation
+   after the first conv is NHWC, the layout oneDNN computes in without reordering.
+
+Steps 5 and 7 are what make the deployed form fast on CPU (docs/benchmarks.md measures each);
+:func:`pnnh.bench.export.export_onnx` deploys with both off, for a portable graph.
 
 The result is an inference artefact: its outputs equal the eval-mode model's to float rounding
 (tests check 1e-4), it must not be trained (the BatchNorm statistics are baked in) and it keeps
@@ -25,16 +34,18 @@ the source model's ``pnnh_name``, ``pnnh_kwargs`` and ``default_cfg``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["deploy", "fold_conv_bn", "is_chain"]
+__all__ = ["deploy", "fold_conv_bn", "ConvReLU2d", "unfused_kernels"]
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -65,6 +76,64 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     fused.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
     fused.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
     return fused
+
+
+def _probe_fused_kernel() -> bool:
+    """Whether this torch build has oneDNN's conv+ReLU kernel (a private op: probed, never assumed)."""
+    try:
+        x, w = torch.ones(1, 1, 3, 3), -torch.ones(1, 1, 1, 1)
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+        return bool(torch.equal(y, torch.zeros(1, 1, 3, 3)))
+    except Exception:  # op missing, or built without oneDNN
+        return False
+
+
+_FUSED_KERNEL: bool | None = None
+_USE_FUSED = True
+
+
+@contextlib.contextmanager
+def unfused_kernels():
+    """Within this block :class:`ConvReLU2d` runs conv then ReLU (e.g. for FLOP counters, which
+    do not know oneDNN's fused op)."""
+    global _USE_FUSED
+    prev, _USE_FUSED = _USE_FUSED, False
+    try:
+        yield
+    finally:
+        _USE_FUSED = prev
+
+
+class ConvReLU2d(nn.Conv2d):
+    """``relu(conv2d(x))``: one oneDNN kernel with ReLU as post-op on CPU, two ops elsewhere.
+
+    The fused kernel (which has no backward) is used for float32/bfloat16 CPU inputs when no
+    gradient is recorded, outside autocast, tracing and ONNX export; every other case takes the
+    plain path, with the same result.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _FUSED_KERNEL
+        if (_USE_FUSED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple) and not torch.is_autocast_enabled("cpu")
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()):
+            if _FUSED_KERNEL is None:
+                _FUSED_KERNEL = _probe_fused_kernel()
+            if _FUSED_KERNEL:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    "relu", [], "")
+        return F.relu(super().forward(x))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "ConvReLU2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict())
+        return new
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -144,6 +213,30 @@ def _fold_batchnorms(gm: fx.GraphModule) -> int:
     return folded
 
 
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return node.op == "call_function" and node.target in (torch.relu, F.relu)
+
+
+def _fuse_relus(gm: fx.GraphModule) -> None:
+    """``conv -> ReLU`` pairs whose conv output feeds only the ReLU become one :class:`ConvReLU2d`."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if not _is_relu(gm, node) or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        conv = _module(gm, src)
+        if type(conv) is not nn.Conv2d or len(src.users) != 1 or calls[src.target] != 1:
+            continue
+        _set_module(gm, src.target, ConvReLU2d.from_conv(conv))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+
+
 def _chain_module(node: fx.Node, gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
     """The module that computes ``node`` from its single input, or None if there is none."""
     if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
@@ -152,7 +245,7 @@ def _chain_module(node: fx.Node, gm: fx.GraphModule) -> tuple[str, nn.Module] | 
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return f"flatten_{node.name}", nn.Flatten(start, end)
-    if node.op == "call_function" and node.target in (torch.relu, nn.functional.relu) and len(node.args) == 1:
+    if node.op == "call_function" and node.target in (torch.relu, F.relu) and len(node.args) == 1:
         return f"relu_{node.name}", nn.ReLU()
     return None
 
@@ -179,17 +272,14 @@ def _as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
     return nn.Sequential(layers)
 
 
-def is_chain(model: nn.Module) -> bool:
-    """True for a deployed pure chain (an ``nn.Sequential`` without residual adds or branches)."""
-    return isinstance(model, nn.Sequential)
-
-
-def deploy(model: nn.Module, *, chain: bool = True) -> nn.Module:
+def deploy(model: nn.Module, *, chain: bool = True, fuse_relu: bool = True, channels_last: bool = True) -> nn.Module:
     """An inference-only copy of ``model`` with BatchNorm folded away (see the module docstring).
 
     Args:
         model: any fx-traceable model (plain, residual, PNNH ...). Not modified.
         chain: return an ``nn.Sequential`` when the folded graph is a straight line (plain nets).
+        fuse_relu: turn ``conv -> ReLU`` into :class:`ConvReLU2d` (one oneDNN kernel on CPU).
+        channels_last: store conv weights NHWC so activations flow in the layout oneDNN uses.
 
     Returns:
         an eval-mode ``nn.Sequential`` (pure chain) or ``torch.fx.GraphModule`` whose outputs
@@ -208,12 +298,16 @@ def deploy(model: nn.Module, *, chain: bool = True) -> nn.Module:
     _replace_plain_conv_layers(gm)
     _drop_noops(gm)
     _fold_batchnorms(gm)
+    if fuse_relu:
+        _fuse_relus(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     out: nn.Module = (_as_sequential(gm) if chain else None) or gm
     out.eval()
+    if channels_last:
+        out.to(memory_format=torch.channels_last)
     for p in out.parameters():
         p.requires_grad_(False)
     for attr in ("pnnh_name", "pnnh_kwargs", "default_cfg", "num_classes", "in_chans"):

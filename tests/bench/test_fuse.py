@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import pnnh
-from pnnh.bench.fuse import deploy, fold_conv_bn
+from pnnh.bench.fuse import ConvReLU2d, deploy, fold_conv_bn
 from pnnh.errors import ConfigError
 
 
@@ -46,17 +46,48 @@ def _assert_same_outputs(model, deployed, x):
 def test_plain_nets_become_a_pure_conv_relu_chain(name, dtype):
     model = pnnh.create_model(name, width=0.5, img_size=32).to(dtype)
     model = _randomise_bn(model, torch.randn(16, 1, 32, 32, dtype=dtype)).train()
+    x = torch.randn(3, 1, 32, 32, dtype=dtype)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    # portable form: exactly conv(+bias) -> ReLU pairs, then the head
+    portable = pnnh.deploy(model, fuse_relu=False, channels_last=False)
     deployed = pnnh.deploy(model)
-    assert isinstance(deployed, nn.Sequential)
-    allowed = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear)
-    assert all(isinstance(m, allowed) for m in deployed), [type(m).__name__ for m in deployed]
-    convs = [m for m in deployed if isinstance(m, nn.Conv2d)]
-    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert all(c.bias is not None for c in convs)
-    assert not any(p.requires_grad for p in deployed.parameters())
     assert model.training and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # source untouched
+    assert isinstance(portable, nn.Sequential)
+    kinds = [type(m) for m in portable]
+    allowed = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear)
+    assert all(k in allowed for k in kinds), kinds
+    convs = [i for i, k in enumerate(kinds) if k is nn.Conv2d]
+    assert len(convs) == n_convs and all(kinds[i + 1] is nn.ReLU for i in convs)
+    assert all(portable[i].bias is not None for i in convs)
+    _assert_same_outputs(model, portable, x)
+    # default (fast) form: each conv-ReLU pair is one ConvReLU2d, weights channels-last
+    assert isinstance(deployed, nn.Sequential)
+    assert [type(m) for m in deployed if isinstance(m, nn.Conv2d)] == [ConvReLU2d] * n_convs
+    assert not any(isinstance(m, (nn.ReLU, nn.BatchNorm2d)) for m in deployed)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deployed if isinstance(m, nn.Conv2d))
+    assert not any(p.requires_grad for p in deployed.parameters())
     assert deployed.pnnh_name == name and deployed.default_cfg == model.default_cfg
-    _assert_same_outputs(model, deployed, torch.randn(3, 1, 32, 32, dtype=dtype))
+    _assert_same_outputs(model, deployed, x)
+
+
+def test_conv_relu_uses_the_fused_kernel_and_falls_back_with_the_same_result():
+    from pnnh.bench import fuse
+
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).eval()
+    fused = ConvReLU2d.from_conv(conv).eval()
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        ref = torch.relu(conv(x))
+        fuse._FUSED_KERNEL = None
+        torch.testing.assert_close(fused(x), ref)
+        if torch.backends.mkldnn.is_available():  # x86/ARM builds with oneDNN: the fused kernel was used
+            assert fuse._FUSED_KERNEL is True
+        torch.testing.assert_close(fused(x.contiguous(memory_format=torch.channels_last)), ref)
+    x.requires_grad_()
+    out = fused(x)  # needs a gradient: the plain path, with autograd
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref)
+    assert x.grad is not None
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
