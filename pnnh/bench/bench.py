@@ -278,11 +278,11 @@ class _Runner:
         if ms.fused:
             model = deploy(model)
         model.to(device)
-        fmt = torch.channels_last if ms.channels_last else torch.contiguous_format
-        model.to(memory_format=fmt)
         g = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.x = torch.randn(cfg.batch_size, cfg.in_chans, input_size, input_size, generator=g).to(device)
-        self.x = self.x.contiguous(memory_format=fmt)
+        if ms.channels_last:  # (a deployed model keeps the memory format deploy gave it)
+            model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
         self.model = model
         self.flops = count_flops(model, self.x, train) / cfg.batch_size
