@@ -106,14 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=60, help="engine steps (each paired with one bare step)")
     ap.add_argument("--warmup", type=int, default=5, help="pairs dropped at the start")
     ap.add_argument("--threads", type=int, help="torch intra-op threads")
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="NHWC, the engine default (--no-channels-last for NCHW)")
     ap.add_argument("--data-dir", help="Fashion-MNIST directory [the usual search path]")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, data_dir=args.data_dir,
-                      test_subset=1000, progress=False, channels_last=args.channels_last, threads=args.threads)
+                      test_subset=1000, progress=False, channels_last=args.channels_last, threads=args.threads,
+                      augment=True)  # measure the data path with augmentation, whatever the run length
     result = {"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
               "channels_last": args.channels_last, "torch": torch.__version__, **measure(cfg, args.warmup)}
     if args.json:
