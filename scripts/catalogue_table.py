@@ -27,7 +27,7 @@ import pnnh  # noqa: E402
 from pnnh.train import TrainConfig, train  # noqa: E402
 
 # depth 56 where the family has it; WRN and ResNeXt at their nearest cheap canonical members
-DEFAULT_MODELS = ("plain56,resnet56,scaled_resnet56,multires56_k2,se_resnet56,highway56,demystify56,"
+DEFAULT_MODELS = ("resnet56,scaled_resnet56,multires56_k2,se_resnet56,highway56,demystify56,"
                   "shared_resnet56,droppath_resnet56,wrn16_4,resnext29_8x4d")
 
 
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated registry names")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--test-subset", type=int, default=2000, help="first N test images (0: all 10,000)")
+    ap.add_argument("--test-subset", type=int, default=1000, help="first N test images (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/catalogue")
     ap.add_argument("--report", default=str(ROOT / "docs/results/catalogue.md"))
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                 print(f"== {name} seed {seed} -> {d}", flush=True)
                 cfg = TrainConfig(model=name, data="fashion-mnist", steps=args.steps, batch_size=args.batch_size,
                                   lr=args.lr, seed=seed, test_subset=args.test_subset or None, threads=args.threads,
-                                  checkpoint_every=25, out=str(d), resume=True, progress=False)
+                                  checkpoint_every=20, out=str(d), resume=True, progress=False)
                 s = train(cfg)
                 print(f"   test acc {s['test_acc']:.4f}  {s['train_img_per_s']:.0f} img/s", flush=True)
 

@@ -396,9 +396,8 @@ def _register() -> None:
 
     def resnext(depth, c, d, width):
         def build(**kwargs):
-            kwargs.setdefault("width", width)
-            return catalogue_resnet(_cifar_layers(depth, True), block="bottleneck", cardinality=c, group_width=d,
-                                    **kwargs)
+            preset = dict(block="bottleneck", cardinality=c, group_width=d, width=width)
+            return catalogue_resnet(_cifar_layers(depth, True), **{**preset, **kwargs})
         return build
 
     # Xie et al.'s CIFAR template: stage widths 64/128/256 (width 4), block outputs 256/512/1024
