@@ -76,9 +76,9 @@ class SqueezeExcite(nn.Module):
 class HighwayGate(nn.Module):
     """Transform gate ``T(x) = sigmoid(conv1x1(x) + b)``, one value per output channel and pixel.
 
-    Initialised to carry: weights 0 and bias ``bias`` (-3 by default, Srivastava et al. suggest
-    -1 to -3 with more negative for deeper nets), so ``T = sigmoid(bias) ≈ 0.05`` for every input
-    and a highway block starts close to its carry path. Its parameters are plain ``Parameter``s,
+    Initialised to carry: weights 0 and bias ``bias`` (-3 by default; Srivastava et al. suggest a
+    negative bias such as -1 or -3), so ``T = sigmoid(bias) ≈ 0.05`` for every input and a highway
+    block starts close to its carry path. Its parameters are plain ``Parameter``s,
     not an ``nn.Conv2d``, so the model-wide conv initialiser leaves them alone.
     """
 
