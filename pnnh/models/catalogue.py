@@ -65,12 +65,13 @@ class SqueezeExcite(nn.Module):
     def __init__(self, ch: int, reduction: int = 16, min_hidden: int = 4):
         super().__init__()
         hidden = max(min_hidden, ch // reduction)
-        self.fc1, self.act = nn.Conv2d(ch, hidden, 1), nn.ReLU(inplace=True)
-        self.fc2, self.gate = nn.Conv2d(hidden, ch, 1), nn.Sigmoid()
+        self.fc1, self.fc2, self.gate = nn.Conv2d(ch, hidden, 1), nn.Conv2d(hidden, ch, 1), nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        # functional ReLU: diagnostics probe every ReLU *module* as a layer of the signal path,
+        # and this one acts on pooled (N, hidden, 1, 1) descriptors, not on the feature maps
+        s = F.relu(self.fc1(x.mean((2, 3), keepdim=True)))
+        return x * self.gate(self.fc2(s))
 
 
 class HighwayGate(nn.Module):
@@ -195,14 +196,17 @@ class ResidualBlock(nn.Module):
             raise ConfigError("cardinality/group_width apply to bottleneck (ResNeXt) blocks only")
         if self.expansion == 1:
             grouped = {}
-        if self.preact:
-            self.bn_pre, self.act_pre = nn.BatchNorm2d(in_ch), nn.ReLU(inplace=False)
+        if self.preact:  # named as in PreActBasicBlock: tools apply bn1/act1 before a preact shortcut
+            self.bn1, self.act1 = nn.BatchNorm2d(in_ch), nn.ReLU(inplace=False)
+        # SE and gate are registered before the branches so that the last conv of the block outside
+        # its shortcut is a branch's last conv (what diagnostics take as the branch end)
+        self.se = SqueezeExcite(out_ch, se_reduction) if se else None
+        self.gate = HighwayGate(in_ch, out_ch, stride, gate_bias) if gate else None
         self.branches = nn.ModuleList(
             [self.branch_fn(in_ch, ch, out_ch, stride, self.preact, **grouped) for _ in range(branches)])
-        self.se = SqueezeExcite(out_ch, se_reduction) if se else None
         self.scale = scale
         self.drop_path = DropPath(drop_path)
-        self.gate = HighwayGate(in_ch, out_ch, stride, gate_bias) if gate else None
+        self.branch_out = nn.Identity()  # a hook point: the residual r as merged (after SE, scale, drop-path)
         # highway carries x unchanged where shapes agree, a zero-padded x where they do not
         self.shortcut = make_shortcut("A" if gate else shortcut, in_ch, out_ch, stride)
         self.shortcut_from_preact = self.preact and (stride != 1 or in_ch != out_ch)
@@ -214,7 +218,7 @@ class ResidualBlock(nn.Module):
         return last if len(self.branches) == 1 and isinstance(last, nn.BatchNorm2d) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inp = self.act_pre(self.bn_pre(x)) if self.preact else x
+        inp = self.act1(self.bn1(x)) if self.preact else x
         r = self.branches[0](inp)
         for branch in self.branches[1:]:
             r = r + branch(inp)
@@ -222,7 +226,7 @@ class ResidualBlock(nn.Module):
             r = self.se(r)
         if self.scale != 1.0:
             r = r * self.scale
-        r = self.drop_path(r)
+        r = self.branch_out(self.drop_path(r))
         if self.shortcut is not None:
             sc = self.shortcut(inp if self.shortcut_from_preact else x)
             if self.gate is not None:

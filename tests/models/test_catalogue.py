@@ -80,9 +80,12 @@ def test_scaled_branch_is_scaled():
     x = torch.rand(2, blk.branches[0][0].in_channels, 8, 8)  # non-negative, like a post-ReLU input
     branch_out = torch.full((1,), 3.0)
     h = set_output(blk.branches[0], branch_out)
+    merged = []
+    tap = blk.branch_out.register_forward_hook(lambda mod, inp, out: merged.append(out))
     y = blk(x)
-    h.remove()
+    h.remove(), tap.remove()
     torch.testing.assert_close(y, torch.relu(x + 0.2 * 3.0))
+    torch.testing.assert_close(merged[0], torch.full_like(x, 0.6))  # the residual as merged, after scaling
     # scale is a model option of every catalogue model
     assert all(b.scale == 0.1 for b in pnnh.create_model("se_resnet20", scale=0.1).blocks())
 
@@ -147,6 +150,8 @@ def test_se_rescales_channels_by_weights_in_unit_interval():
     torch.testing.assert_close(y, x * g)
     m = pnnh.create_model("se_resnet20")
     assert all(isinstance(b.se, SqueezeExcite) for b in m.blocks())
+    # no ReLU module inside SE: signal-path probes hook ReLU modules, and SE's acts on pooled vectors
+    assert not any(isinstance(mod, nn.ReLU) for b in m.blocks() for mod in b.se.modules())
     # se is an option of every catalogue model, including ResNeXt and WRN blocks
     assert isinstance(pnnh.create_model("resnext29_8x4d", se=True).blocks()[0].se, SqueezeExcite)
     assert isinstance(pnnh.create_model("wrn16_4", se=True, width=1).blocks()[0].se, SqueezeExcite)
