@@ -27,8 +27,8 @@ import pnnh  # noqa: E402
 from pnnh.train import TrainConfig, train  # noqa: E402
 
 # depth 56 where the family has it; WRN and ResNeXt at their nearest cheap canonical members
-DEFAULT_MODELS = ("resnet56,scaled_resnet56,multires56_k2,se_resnet56,highway56,demystify56,"
-                  "shared_resnet56,droppath_resnet56,wrn16_4,resnext29_8x4d")
+DEFAULT_MODELS = ("resnet56,scaled_resnet56,se_resnet56,highway56,demystify56,shared_resnet56,droppath_resnet56,"
+                  "multires56_k2,resnext29_8x4d,wrn16_4")
 
 
 def run_dir(out: Path, model: str, seed: int) -> Path:
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated registry names")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--test-subset", type=int, default=1000, help="first N test images (0: all 10,000)")
+    ap.add_argument("--test-subset", type=int, default=2000, help="first N test images (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/catalogue")
     ap.add_argument("--report", default=str(ROOT / "docs/results/catalogue.md"))
