@@ -78,11 +78,9 @@ def main(argv=None) -> int:
     rows = []
     for name in models:
         runs = [s for seed in seeds if (s := finished(run_dir(out, name, seed)))]
-        if not runs:
-            continue
-        accs = [100 * r["test_acc"] for r in runs]
         info = pnnh.model_info(name)
-        rows.append((name, info.family, info.depth, runs[0]["params"], accs, [r["train_img_per_s"] for r in runs]))
+        rows.append((name, info.family, info.depth, runs[0]["params"] if runs else None,
+                     [100 * r["test_acc"] for r in runs], [r["train_img_per_s"] for r in runs]))
     write_report(Path(args.report), rows, args, seeds)
     return 0
 
@@ -115,9 +113,15 @@ def write_report(path: Path, rows, args, seeds) -> None:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, family, depth, params, accs, ips in rows:
+        if not accs:
+            lines.append(f"| `{name}` | {family} | {depth} | | not measured yet | 0 | |")
+            continue
         std = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         lines.append(f"| `{name}` | {family} | {depth} | {params / 1e6:.3f}M | {statistics.mean(accs):.1f}{std} "
                      f"| {len(accs)} | {statistics.mean(ips):.0f} |")
+    if any(len(r[4]) < len(seeds) for r in rows):
+        lines += ["", "Rows with fewer seeds than listed did not finish on the shared machine; the command "
+                  "above resumes and completes them (finished runs are skipped)."]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
