@@ -394,7 +394,8 @@ def _register() -> None:
             return catalogue_resnet(_wrn_layers(depth), preact=True, **kwargs)
         return build
 
-    for d, k in ((16, 4), (16, 8), (22, 8), (28, 10), (40, 2), (40, 4), (58, 2)):
+    # the paper's nets, and a k=2 series with the block counts of ResNet-20/56/110 (WRN-22/58/112)
+    for d, k in ((16, 4), (16, 8), (22, 8), (28, 10), (40, 2), (40, 4), (22, 2), (58, 2), (112, 2)):
         add(f"wrn{d}_{k}", "wrn", d, wrn(d, k),
             f"WRN-{d}-{k}: pre-activation basic blocks, width x{k} (Zagoruyko & Komodakis 2016).")
 
@@ -405,10 +406,11 @@ def _register() -> None:
         return build
 
     # Xie et al.'s CIFAR template: stage widths 64/128/256 (width 4), block outputs 256/512/1024
-    for depth, c, d in ((29, 8, 64), (29, 16, 64), (29, 4, 16)):
+    for depth, c, d in ((29, 8, 64), (29, 16, 64)):
         add(f"resnext{depth}_{c}x{d}d", "resnext", depth, resnext(depth, c, d, 4.0),
             f"ResNeXt-{depth} ({c}x{d}d), CIFAR template: grouped bottleneck, cardinality {c} (Xie et al. 2017).")
-    # small members at CIFAR-ResNet widths (16/32/64, outputs 64/128/256) for depth studies
+    # small members at CIFAR-ResNet widths (16/32/64, outputs 64/128/256) for CPU runs and depth
+    # studies; they sort first among the family's depth-29 names, so a study by (family, depth) picks them
     for depth in (29, 56, 110):
         add(f"resnext{depth}_8x4d", "resnext", depth, resnext(depth, 8, 4, 1.0),
             f"ResNeXt-{depth} (8x4d) at CIFAR-ResNet widths: cardinality 8, 4 channels per group (Xie et al. 2017).")
