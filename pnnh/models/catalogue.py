@@ -389,9 +389,8 @@ def _register() -> None:
 
     def wrn(depth, k):
         def build(**kwargs):
-            kwargs.setdefault("width", k)
-            kwargs.setdefault("stem_width", 16)
-            return catalogue_resnet(_wrn_layers(depth), preact=True, **kwargs)
+            preset = dict(preact=True, width=k, stem_width=16)
+            return catalogue_resnet(_wrn_layers(depth), **{**preset, **kwargs})
         return build
 
     # the paper's nets, and a k=2 series with the block counts of ResNet-20/56/110 (WRN-22/58/112)

@@ -341,3 +341,10 @@ def test_shared_weights_resume_exactly(tmp_path, fmnist_dir):
     assert resumed["test_loss"] == full["test_loss"]
     w = load_file(str(tmp_path / "b/shared_resnet20/model.safetensors"))
     assert torch.equal(w["model.stages.0.1.branches.0.0.weight"], w["model.stages.0.2.branches.0.0.weight"])
+
+
+def test_presets_are_defaults_the_caller_can_override():
+    assert not pnnh.create_model("wrn16_4", preact=False, width=1).preact
+    assert len(pnnh.create_model("multires20_k2", branches=1).blocks()[0].branches) == 1
+    assert {b.branches[0][3].groups for b in pnnh.create_model("resnext29_8x4d", cardinality=2).blocks()} == {2}
+    assert pnnh.create_model("highway20", gate_bias=-1.0).blocks()[0].gate.bias[0].item() == -1.0
