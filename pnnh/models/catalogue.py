@@ -410,7 +410,7 @@ def _register() -> None:
             f"ResNeXt-{depth} ({c}x{d}d), CIFAR template: grouped bottleneck, cardinality {c} (Xie et al. 2017).")
     # small members at CIFAR-ResNet widths (16/32/64, outputs 64/128/256) for CPU runs and depth
     # studies; they sort first among the family's depth-29 names, so a study by (family, depth) picks them
-    for depth in (29, 56, 110):
+    for depth in (20, 29, 56, 110):
         add(f"resnext{depth}_8x4d", "resnext", depth, resnext(depth, 8, 4, 1.0),
             f"ResNeXt-{depth} (8x4d) at CIFAR-ResNet widths: cardinality 8, 4 channels per group (Xie et al. 2017).")
 
