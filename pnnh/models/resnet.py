@@ -177,13 +177,15 @@ class ResNet(nn.Module):
         zero_init_residual: start every residual branch's last norm at 0 (Goyal et al.), so each
             block begins as its shortcut. Ignored by plain twins, where it would cut the signal.
         img_size: default input size recorded in ``default_cfg`` (and used by ``stem="auto"``).
+        stem_width: channels out of the stem (default: the first stage's width); wide ResNets
+            keep a 16-channel stem whatever their width ``k``.
         block_kwargs: passed to every block (catalogue options such as squeeze-excitation).
     """
 
     def __init__(self, layers, block="basic", *, shortcut: str | None = "A", layout: str = "cifar",
                  num_classes: int = 10, in_chans: int = 1, width: float = 1.0, stem: str = "auto",
                  init: str = "he", zero_init_residual: bool = False, img_size: int | None = None,
-                 drop_rate: float = 0.0, block_kwargs: dict | None = None):
+                 drop_rate: float = 0.0, block_kwargs: dict | None = None, stem_width: int | None = None):
         super().__init__()
         block_cls = BLOCKS[block] if isinstance(block, str) else block
         if layout not in ("cifar", "imagenet"):
@@ -202,7 +204,7 @@ class ResNet(nn.Module):
         self.has_shortcut = shortcut is not None
         self.drop_rate = drop_rate
 
-        stem_ch = widths[0]
+        stem_ch = stem_width or widths[0]
         if stem in ("cifar", "small"):
             conv = nn.Conv2d(in_chans, stem_ch, 3, 1, 1, bias=False)
             stem_layers = [conv] if self.preact else [conv, nn.BatchNorm2d(stem_ch), nn.ReLU(inplace=True)]

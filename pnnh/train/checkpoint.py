@@ -126,7 +126,10 @@ def _check_not_pickle(path: Path) -> None:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # A safetensors file is an 8-byte header length then a JSON header ('{'). Check that first: the
+    # length's low byte can itself be 0x80 or the pair "PK" (e.g. a 18,304-byte header).
+    looks_safetensors = len(head) > 8 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle (torch.save) file, which can run arbitrary code when loaded. "
             "pnnh checkpoints are safetensors files; convert trusted weights with "
