@@ -46,6 +46,7 @@ __all__ = ["PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "
 
 CODERS = ("mirror", "shared", "tied")
 CODER_INITS = ("identity", "orthogonal", "he")
+LEARNER_INITS = ("he", "dirac")
 
 
 def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
@@ -56,7 +57,8 @@ def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
 class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
-    def __init__(self, coder: str = "mirror", ratio: float = 0.5, init: str = "identity", mix: float = 0.1):
+    def __init__(self, coder: str = "mirror", ratio: float = 0.5, init: str = "identity", mix: float = 0.1,
+                 learner_init: str = "he"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -65,7 +67,9 @@ class CoderSpec:
             raise ConfigError(f"unknown coder_init {init!r}; choose one of {', '.join(CODER_INITS)}")
         if not math.isfinite(mix) or mix < 0:
             raise ConfigError(f"coder_mix must be a finite number >= 0, got {mix}")
-        self.coder, self.ratio, self.init, self.mix = coder, ratio, init, mix
+        if learner_init not in LEARNER_INITS:
+            raise ConfigError(f"unknown learner_init {learner_init!r}; choose one of {', '.join(LEARNER_INITS)}")
+        self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
 
     def split(self, width: int) -> tuple[int, int]:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
@@ -140,6 +144,12 @@ class PNNHLayer(nn.Module):
         k, fan_in = self.kernel_size, self.in_ch * self.kernel_size ** 2
         learner = self.weight[: self.n_learn]
         _he_(learner, fan_in)
+        n_in_learn = self.in_ch - 2 * self.in_code
+        m_l = min(self.n_learn, n_in_learn)
+        if spec.learner_init == "dirac" and m_l > 0 and self.in_code > 0:
+            # identity on the previous learner channels (a DiracNet-style weight-level path), He beyond
+            learner[:m_l].zero_()
+            learner[:m_l, :m_l, k // 2, k // 2] = torch.eye(m_l)
         coder = self._shared.weight if self._shared is not None else self.weight[self.n_learn:]
         if self._shared is not None and getattr(self._shared, "_initialised", False):
             coder = None  # the first layer sharing this weight initialised it
@@ -294,6 +304,8 @@ class PNNHNet(nn.Module):
             ``"he"`` (no internal path at init).
         coder_mix: scale (x He) of the coder's weights reading the input's *learner* channels, so
             learner features get a short route along the coder path; 0 reads only the code.
+        learner_init: ``"he"`` (default) or ``"dirac"`` (learner rows start as the identity on the
+            input's learner channels, as a dirac-initialised plain net).
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -301,10 +313,10 @@ class PNNHNet(nn.Module):
 
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.5,
-                 coder_init: str = "identity", coder_mix: float = 0.1, stem: str = "auto",
+                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "he", stem: str = "auto",
                  img_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()
-        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix)
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init)
         if layout not in ("cifar", "imagenet"):
             raise ConfigError(f"unknown layout {layout!r}; use 'cifar' or 'imagenet'")
         if width <= 0:
@@ -324,7 +336,7 @@ class PNNHNet(nn.Module):
 
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
-        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix)
+        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init)
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
                                       nn.MaxPool2d(3, 2, 1))

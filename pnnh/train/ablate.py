@@ -46,6 +46,8 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("resnet", "resnet{d}", {}, "ResNet twin (option-A shortcuts)"),
     Variant("plain", "plain{d}", {}, "plain twin, He init"),
     Variant("plain-dirac", "plain{d}", {"init": "dirac"}, "plain twin, identity (dirac) init"),
+    Variant("plain-dirac-eqp", "plain{d}", {"init": "dirac", "width": 0.866},
+            "plain twin, dirac init, width 0.866: about the default PNNH's parameter count"),
     Variant("llplain", "llplain{d}", {}, "looks-linear plain: all channels mirrored CReLU, identity init (r=1)"),
     Variant("pnnh", "pnnh{d}", {}, "PNNH default"),
     Variant("pnnh-mix0", "pnnh{d}", {"coder_mix": 0.0}, "mirror coder reading only the previous code"),
@@ -54,11 +56,12 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("pnnh-r0.75", "pnnh{d}", {"coder_ratio": 0.75}, "mirror coder, ratio 0.75"),
     Variant("pnnh-orth", "pnnh{d}", {"coder_init": "orthogonal"}, "mirror coder, orthogonal coder init"),
     Variant("pnnh-he", "pnnh{d}", {"coder_init": "he"}, "mirror coder, He coder init (no path at init)"),
+    Variant("pnnh-ldirac", "pnnh{d}", {"learner_init": "dirac"}, "mirror coder + dirac-initialised learner"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),
     Variant("pnnh-tied", "pnnh{d}", {"coder": "tied"}, "tied encoder-decoder coder, summed"),
 ]}
 
-BUDGETS = {"short": {"steps": 200}, "long": {"epochs": 5}}
+BUDGETS = {"short": {"steps": 150}, "long": {"epochs": 5}}
 DEFAULT_VARIANTS = "pnnh,plain,plain-dirac,llplain,resnet"
 
 
@@ -217,7 +220,8 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
         lines += ["## Training throughput, side by side", "",
                   "One process, one thread, alternating the models step by step (A B A B ...) so that the "
                   "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128.", "",
-                  "| model | options | params | img/s (median) | ratio to first |", "|---|---|---|---|---|"]
+                  "| model | options | params | img/s (median) | ratio to the first model of its depth |",
+                  "|---|---|---|---|---|"]
         for s in speed:
             opts = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()) or "—"
             lines.append(f"| {s['model']} | {opts} | {s['params']:,} | {s['img_s']:.0f} | {s['ratio']:.2f} |")
@@ -269,7 +273,7 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
               help="Comma-separated variant labels (see --list), or label=template:k=v,... with {d} for the depth.")
 @click.option("--depths", default="20,56,110", show_default=True, help="Comma-separated CIFAR-layout depths.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
-@click.option("--budgets", default="short,long", show_default=True, help="short (200 steps) and/or long (5 epochs).")
+@click.option("--budgets", default="short,long", show_default=True, help="short (150 steps) and/or long (5 epochs).")
 @click.option("--short-steps", type=int, help="Override the short budget's steps.")
 @click.option("--long-epochs", type=int, help="Override the long budget's epochs.")
 @click.option("--data", default="fashion-mnist", show_default=True)
@@ -311,14 +315,13 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             "threads": threads}
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs)
     speed_rows = None
-    if speed:
-        pairs = []
+    if speed:  # per depth: the ResNet twin first, then the other measured variants, alternating
+        speed_rows = []
         for d in ds:
-            for label in [v.label for v in vs if v.label in ("resnet", "pnnh", "plain-dirac", "llplain")]:
-                v = VARIANTS[label]
-                pairs.append((v.model(d), v.kwargs))
-        if pairs:
-            speed_rows = side_by_side_throughput(sorted(pairs, key=lambda p: not p[0].startswith("resnet")))
+            pairs = [(v.model(d), v.kwargs) for v in sorted(vs, key=lambda v: v.label != "resnet")]
+            if len(pairs) > 1:
+                click.echo(f"throughput, depth {d}: {', '.join(p[0] for p in pairs)}")
+                speed_rows += side_by_side_throughput(pairs)
     # the exact command, rebuilt from the parsed options (reproducible whatever the caller's argv was)
     ctx = click.get_current_context()
     parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]

@@ -85,6 +85,18 @@ def test_coder_init_options_change_the_path():
     assert 0.9 < F.cosine_similarity(mix[0].flatten(), mix[6].flatten(), 0) < 0.9999
 
 
+def test_dirac_learner_init_copies_the_previous_learner_channels():
+    m = pnnh.create_model("pnnh20", learner_init="dirac", coder_mix=0.0).train()
+    outs = []
+    hooks = [l.register_forward_hook(lambda mod, i, o: outs.append(o[:, :mod.n_learn])) for l in m.pnnh_layers()[:3]]
+    m(torch.randn(8, 1, 28, 28))
+    # layer 2's learner = relu(BN(layer 1's learner)): non-negative inputs, standardised by BN, cut by ReLU
+    a, b = outs[1], outs[2]
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+    with pytest.raises(ConfigError, match="learner_init"):
+        pnnh.create_model("pnnh20", learner_init="zeros")
+
+
 def _randomise_bn(model):
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
