@@ -284,17 +284,21 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
 @click.option("--out", type=click.Path(file_okay=False), default="runs/ablate", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the Markdown report here.")
 @click.option("--speed/--no-speed", default=False, help="Also measure training img/s side by side (PNNH vs ResNet).")
+@click.option("--speed-variants", default="resnet,pnnh,plain-dirac,llplain", show_default=True,
+              help="Variants timed by --speed (the first is the reference of the ratio).")
+@click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
 @click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
+@click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
 @click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
 def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
-               threads, out, report_path, speed, dry_run, list_) -> None:
+               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, list_) -> None:
     """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
 
     Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
     """
     if list_:
         for v in VARIANTS.values():
-            click.echo(f"{v.label:<14}{v.template:<12}{json.dumps(v.kwargs):<32}{v.doc}")
+            click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
         return
     try:
         vs = [parse_variant(t.strip()) for t in variants.split(",") if t.strip()]
@@ -315,19 +319,20 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             "threads": threads}
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs)
     speed_rows = None
-    if speed:  # per depth: the ResNet twin first, then the other measured variants, alternating
+    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
+        svs = [parse_variant(t.strip()) for t in speed_variants.split(",") if t.strip()]
+        sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
         speed_rows = []
-        for d in ds:
-            pairs = [(v.model(d), v.kwargs) for v in sorted(vs, key=lambda v: v.label != "resnet")]
-            if len(pairs) > 1:
-                click.echo(f"throughput, depth {d}: {', '.join(p[0] for p in pairs)}")
-                speed_rows += side_by_side_throughput(pairs)
+        for d in sds:
+            click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
+            speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
     # the exact command, rebuilt from the parsed options (reproducible whatever the caller's argv was)
     ctx = click.get_current_context()
     parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
-        if p.name in ("list_", "dry_run") or v is None or v is False:
+        if p.name in ("list_", "dry_run", "notes") or v is None or v is False or (
+                p.name.startswith("speed_") and not speed):
             continue
         flag = p.opts[0]
         if p.name == "speed":
@@ -335,7 +340,8 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         else:
             parts += [flag, str(v)]
     command = " ".join(shlex.quote(a) for a in parts)
-    text = format_report(records, command, speed=speed_rows, budget_defs=budget_defs)
+    text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
+                         budget_defs=budget_defs)
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(text)
