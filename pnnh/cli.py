@@ -183,7 +183,7 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 
 # --- sub-commands defined in their own modules: one import + add_command each ---------------------
 # (keep imports of heavy modules inside the command functions; this section runs at every start)
-from .train.ablate import ablate_cmd  # noqa: E402
+from .bench.ablate import ablate_cmd  # noqa: E402
 cli.add_command(ablate_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 

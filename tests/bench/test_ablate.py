@@ -6,7 +6,7 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.train.ablate import VARIANTS, aggregate, parse_variant, side_by_side_throughput
+from pnnh.bench.ablate import VARIANTS, aggregate, parse_variant, side_by_side_throughput
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]

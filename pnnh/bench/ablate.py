@@ -87,7 +87,7 @@ def parse_variant(text: str) -> Variant:
 
 
 def _run_cfg(variant: Variant, depth: int, seed: int, budget: dict, base: dict, out: Path):
-    from .config import TrainConfig
+    from ..train.config import TrainConfig
 
     return TrainConfig(model=variant.model(depth), model_kwargs=dict(variant.kwargs), seed=seed, out=str(out),
                        resume=True, progress=False, **budget, **base)
@@ -114,8 +114,8 @@ def run_ablation(variants: list[Variant], depths: list[int], seeds: list[int], b
     Order: budget, then seed, then depth, then variant — so the first seed of every cell
     finishes before any second seed starts, and a partial ablation is still a full screen.
     """
-    from .config import TrainConfig  # noqa: F401  (import errors early)
-    from .engine import train
+    from ..train.config import TrainConfig  # noqa: F401  (import errors early)
+    from ..train.engine import train
 
     base = dict(base or {})
     budget_defs = budget_defs or BUDGETS
