@@ -56,7 +56,7 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("pnnh-r0.75", "pnnh{d}", {"coder_ratio": 0.75}, "mirror coder, ratio 0.75"),
     Variant("pnnh-orth", "pnnh{d}", {"coder_init": "orthogonal"}, "mirror coder, orthogonal coder init"),
     Variant("pnnh-he", "pnnh{d}", {"coder_init": "he"}, "mirror coder, He coder init (no path at init)"),
-    Variant("pnnh-ldirac", "pnnh{d}", {"learner_init": "dirac"}, "mirror coder + dirac-initialised learner"),
+    Variant("pnnh-lhe", "pnnh{d}", {"learner_init": "he"}, "mirror coder + He-initialised learner (first default)"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),
     Variant("pnnh-tied", "pnnh{d}", {"coder": "tied"}, "tied encoder-decoder coder, summed"),
 ]}

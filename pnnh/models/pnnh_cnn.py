@@ -58,7 +58,7 @@ class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.5, init: str = "identity", mix: float = 0.1,
-                 learner_init: str = "he"):
+                 learner_init: str = "dirac"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -304,8 +304,8 @@ class PNNHNet(nn.Module):
             ``"he"`` (no internal path at init).
         coder_mix: scale (x He) of the coder's weights reading the input's *learner* channels, so
             learner features get a short route along the coder path; 0 reads only the code.
-        learner_init: ``"he"`` (default) or ``"dirac"`` (learner rows start as the identity on the
-            input's learner channels, as a dirac-initialised plain net).
+        learner_init: ``"dirac"`` (default: learner rows start as the identity on the input's learner
+            channels, as in a dirac-initialised plain net; extra rows He) or ``"he"``.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -313,7 +313,7 @@ class PNNHNet(nn.Module):
 
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.5,
-                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "he", stem: str = "auto",
+                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac", stem: str = "auto",
                  img_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()
         spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init)
