@@ -201,6 +201,8 @@ from .bench.cli import bench_cmd, export_cmd  # noqa: E402
 
 cli.add_command(bench_cmd)
 cli.add_command(export_cmd)
+from .bench.ablate import ablate_cmd  # noqa: E402
+cli.add_command(ablate_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 
 

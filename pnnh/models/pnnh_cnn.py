@@ -1,0 +1,460 @@
+"""PNNH CNNs: plain nets whose layers are split into a *learner* and a weight-sharing *coder*.
+
+The paper (arXiv 2402.08645) states the paradigm — a plain layer split into a learner that learns
+new features and a coder that carries an encoding of the input across the non-linearity, with
+shared weights, forming an internal path across depth — but not the block. The blocks here are
+our design; ``docs/pnnh.md`` gives the equations and the ablation that chose the default.
+
+A **mirrored PNNH layer** (``coder="mirror"``, the default) is ONE convolution producing ``C_l``
+learner and ``C_c`` coder channels, one BatchNorm over them, and the activation::
+
+    a = BN(W x)                           # C_l + C_c channels, W = [W_l; W_c]
+    y = cat(relu(a_l), relu(a_c), relu(-a_c))    # C_l + 2 C_c = the stage width
+
+``relu(a_c)`` and ``relu(-a_c)`` come from the same weights ``W_c`` (the weight sharing), and
+``relu(e) - relu(-e) = e``: the next layer's coder, initialised with ``+I`` on ``relu(e)`` and
+``-I`` on ``relu(-e)`` (looks-linear style), receives the code ``e`` unchanged through the ReLU.
+That is the internal path: no shortcut, no addition, only a plain conv-BN-ReLU chain. After
+BN folding the layer *is* a conv with tied rows ``[W_l; W_c; -W_c]`` followed by a ReLU
+(:meth:`PNNHLayer.as_plain_conv`), so a deployed PNNH net is a pure conv-ReLU chain.
+
+Other coders (documented options, measured in ``docs/results/pnnh_ablation.md``):
+
+- ``coder="shared"``: the mirrored layer with one coder weight ``W_c`` shared by every
+  same-shape layer of a stage (an unrolled recurrent coder);
+- ``coder="tied"``: a tied encoder-decoder coder summed with a full-width learner,
+  ``y = relu(BN(W_l x + pad(E^T relu(BN(E x)))))`` — the decoder is the transpose of the encoder,
+  there is no identity term.
+
+The ``llplain*`` family (looks-linear plain nets, Balduzzi et al. 2017: CReLU with mirrored
+weights, linear at init) is the ``coder_ratio=1`` special case: every channel is coder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ._registry import register_model
+
+__all__ = ["PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
+           "cifar_pnnh", "imagenet_pnnh"]
+
+CODERS = ("mirror", "shared", "tied")
+CODER_INITS = ("identity", "orthogonal", "he")
+LEARNER_INITS = ("he", "dirac")
+
+
+def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
+    with torch.no_grad():
+        w.normal_(0.0, scale * math.sqrt(2.0 / fan_in))
+
+
+class CoderSpec:
+    """The coder options shared by every layer of a net (a plain record, validated once)."""
+
+    def __init__(self, coder: str = "mirror", ratio: float = 0.5, init: str = "identity", mix: float = 0.1,
+                 learner_init: str = "dirac"):
+        if coder not in CODERS:
+            raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"coder_ratio must be in [0, 1], got {ratio}")
+        if init not in CODER_INITS:
+            raise ConfigError(f"unknown coder_init {init!r}; choose one of {', '.join(CODER_INITS)}")
+        if not math.isfinite(mix) or mix < 0:
+            raise ConfigError(f"coder_mix must be a finite number >= 0, got {mix}")
+        if learner_init not in LEARNER_INITS:
+            raise ConfigError(f"unknown learner_init {learner_init!r}; choose one of {', '.join(LEARNER_INITS)}")
+        self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
+
+    def split(self, width: int) -> tuple[int, int]:
+        """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
+        n_code = int(round(self.ratio * width / 2))
+        return width - 2 * n_code, n_code
+
+
+class _WeightHolder(nn.Module):
+    """Owns one coder weight shared by several layers (the layers refer to it, unregistered)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+
+
+class PNNHLayer(nn.Module):
+    """One mirrored PNNH layer: ``cat(relu(a_l), relu(a_c), relu(-a_c))`` with ``a = BN(conv(x))``.
+
+    Args:
+        in_ch: input channels.
+        out_ch: output channels (the width): ``n_learn + 2 * n_code``.
+        n_code: coder channels ``C_c`` (``relu(e)`` and ``relu(-e)`` each take ``C_c`` outputs).
+        in_code: coder channels of the *input* (its layout is ``[learner | relu(e) | relu(-e)]``);
+            0 when the input carries no code (the image).
+        kernel_size, stride: of the convolution (padding keeps the size at stride 1).
+        spec: coder options (init and mix; see :class:`CoderSpec`).
+        shared: a :class:`_WeightHolder` whose weight is this layer's coder weight (stage-shared
+            coder); ``None`` for a layer owning its own weights.
+
+    Output channel layout: ``[learner (C_l) | relu(e) (C_c) | relu(-e) (C_c)]``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, n_code: int, in_code: int = 0, kernel_size: int = 3,
+                 stride: int = 1, spec: CoderSpec | None = None, shared: _WeightHolder | None = None):
+        super().__init__()
+        spec = spec or CoderSpec()
+        if 2 * n_code > out_ch or 2 * in_code > in_ch:
+            raise ConfigError(f"coder channels do not fit: 2*{n_code} > {out_ch} or 2*{in_code} > {in_ch}")
+        self.in_ch, self.out_ch, self.n_code, self.in_code = in_ch, out_ch, n_code, in_code
+        self.n_learn = out_ch - 2 * n_code
+        self.stride, self.padding, self.kernel_size = stride, kernel_size // 2, kernel_size
+        n_conv = self.n_learn + n_code
+        k = kernel_size
+        if shared is None:
+            self.weight = nn.Parameter(torch.empty(n_conv, in_ch, k, k))
+            self.__dict__["_shared"] = None
+        else:
+            if tuple(shared.weight.shape) != (n_code, in_ch, k, k):
+                raise ConfigError("shared coder weight has the wrong shape for this layer")
+            self.weight = nn.Parameter(torch.empty(self.n_learn, in_ch, k, k))
+            self.__dict__["_shared"] = shared  # referenced, not registered: one copy in the state dict
+        self.bn = nn.BatchNorm2d(n_conv)
+        self.act = nn.ReLU(inplace=True)
+        self.reset_parameters(spec)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def conv_weight(self) -> torch.Tensor:
+        """``[W_l; W_c]``: the ``C_l + C_c`` trained filters (one tensor, possibly a shared part)."""
+        if self._shared is None:
+            return self.weight
+        return torch.cat([self.weight, self._shared.weight], 0)
+
+    @torch.no_grad()
+    def reset_parameters(self, spec: CoderSpec) -> None:
+        """Learner rows: He. Coder rows: ``spec.init`` on the input's code, ``spec.mix`` x He elsewhere.
+
+        ``identity``: ``W_c[j, relu(e_j)] = +1``, ``W_c[j, relu(-e_j)] = -1`` at the centre tap, so
+        ``W_c x = e`` (the code passes the ReLU unchanged); coder rows beyond the input's code get
+        He. ``orthogonal``: the same with an orthogonal matrix ``Q`` in place of ``I``. ``he``: plain
+        He (no internal path at init). A stride-2 layer's centre tap subsamples, like a pad shortcut.
+        """
+        k, fan_in = self.kernel_size, self.in_ch * self.kernel_size ** 2
+        learner = self.weight[: self.n_learn]
+        _he_(learner, fan_in)
+        n_in_learn = self.in_ch - 2 * self.in_code
+        m_l = min(self.n_learn, n_in_learn)
+        if spec.learner_init == "dirac" and m_l > 0 and self.in_code > 0:
+            # identity on the previous learner channels (a DiracNet-style weight-level path), He beyond
+            learner[:m_l].zero_()
+            learner[:m_l, :m_l, k // 2, k // 2] = torch.eye(m_l)
+        coder = self._shared.weight if self._shared is not None else self.weight[self.n_learn:]
+        if self._shared is not None and getattr(self._shared, "_initialised", False):
+            coder = None  # the first layer sharing this weight initialised it
+        if coder is not None:
+            m = min(self.n_code, self.in_code)
+            if spec.init == "he" or m == 0:
+                _he_(coder, fan_in)
+            else:
+                coder.zero_()
+                if self.n_code > m:
+                    _he_(coder[m:], fan_in)
+                c = k // 2
+                n_in_learn = self.in_ch - 2 * self.in_code
+                if spec.init == "identity":
+                    q = torch.eye(m)
+                else:
+                    q = torch.empty(m, m)
+                    nn.init.orthogonal_(q)
+                pos = slice(n_in_learn, n_in_learn + m)
+                neg = slice(n_in_learn + self.in_code, n_in_learn + self.in_code + m)
+                coder[:m, pos, c, c] = q
+                coder[:m, neg, c, c] = -q
+                if spec.mix > 0 and n_in_learn > 0:  # a short gradient route from learner channels
+                    _he_(coder[:m, :n_in_learn], fan_in, spec.mix)
+            if self._shared is not None:
+                self._shared._initialised = True
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(F.conv2d(x, self.conv_weight(), None, self.stride, self.padding))
+        if self.n_code == 0:
+            return self.act(a)
+        # cat(a_l, a_c, -a_c) then one in-place ReLU: relu(a_c) and relu(-a_c) share W_c
+        return self.act(torch.cat([a, -a[:, self.n_learn:]], 1))
+
+    @torch.no_grad()
+    def as_plain_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The equivalent plain conv of this layer in eval mode: ``(weight, bias)`` such that
+        ``layer(x) == relu(conv2d(x, weight, bias, stride, padding))``.
+
+        BN (running statistics) is folded into the conv: ``s = gamma / sqrt(var + eps)``,
+        rows ``[s_l W_l; s_c W_c; -s_c W_c]`` and bias ``[b_l; b_c; -b_c]`` with
+        ``b = beta - s * mean``. The tied rows are the coder's weight sharing made explicit.
+        """
+        w = self.conv_weight()
+        bn = self.bn
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        wf = w * s.view(-1, 1, 1, 1)
+        bf = bn.bias - s * bn.running_mean
+        n = self.n_learn
+        return torch.cat([wf, -wf[n:]], 0).clone(), torch.cat([bf, -bf[n:]], 0).clone()
+
+    def extra_repr(self) -> str:
+        shared = ", shared coder" if self._shared is not None else ""
+        return (f"{self.in_ch}->{self.out_ch} (learner {self.n_learn}, coder 2x{self.n_code}), "
+                f"k={self.kernel_size}, stride={self.stride}{shared}")
+
+
+class TiedCoderLayer(nn.Module):
+    """Tied encoder-decoder coder summed with a learner (``coder="tied"``).
+
+    ``y = relu(BN(W_l x + pad(E^T relu(BN_e(E x)))))``: the learner ``W_l`` (``k x k``, all
+    ``out_ch`` outputs) plus a 1x1 encoder ``E`` (``in_ch -> n_code``, carrying the stride) whose
+    decoder is its transpose ``E^T`` (``n_code -> in_ch``), zero-padded (or cut) to ``out_ch``.
+    No identity term: the coder is a parametric branch. It has an inner ReLU, so it does not
+    fold into one conv (:meth:`as_plain_conv` raises).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, n_code: int, in_code: int = 0, kernel_size: int = 3,
+                 stride: int = 1, spec: CoderSpec | None = None, shared=None):
+        super().__init__()
+        spec = spec or CoderSpec(coder="tied")
+        self.in_ch, self.out_ch, self.n_code, self.in_code = in_ch, out_ch, max(1, n_code), in_code
+        self.n_learn = out_ch
+        self.stride, self.padding, self.kernel_size = stride, kernel_size // 2, kernel_size
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, kernel_size, kernel_size))
+        self.enc = nn.Parameter(torch.empty(self.n_code, in_ch, 1, 1))
+        self.bn_enc = nn.BatchNorm2d(self.n_code)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU(inplace=True)
+        self.extra = out_ch - in_ch
+        with torch.no_grad():
+            _he_(self.weight, in_ch * kernel_size ** 2)
+            if spec.init == "he":
+                _he_(self.enc, in_ch)
+            else:  # orthogonal rows (identity is the orthogonal case for a square encoder)
+                nn.init.orthogonal_(self.enc.view(self.n_code, in_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        learned = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        code = F.relu(self.bn_enc(F.conv2d(x, self.enc, None, self.stride)))
+        decoded = F.conv2d(code, self.enc.transpose(0, 1))  # tied: decoder = encoder transposed
+        if self.extra > 0:
+            decoded = F.pad(decoded, (0, 0, 0, 0, 0, self.extra))
+        elif self.extra < 0:
+            decoded = decoded[:, : self.out_ch]
+        return self.act(self.bn(learned + decoded))
+
+    def as_plain_conv(self):
+        raise ConfigError("the tied encoder-decoder coder has an inner ReLU: it does not fold into one conv")
+
+
+_LAYERS = {"mirror": PNNHLayer, "shared": PNNHLayer, "tied": TiedCoderLayer}
+
+
+class PNNHBlock(nn.Module):
+    """A chain of PNNH layers standing in for one residual block (2 layers basic, 3 bottleneck).
+
+    Basic: ``3x3 (stride) -> 3x3``; bottleneck: ``1x1 -> 3x3 (stride) -> 1x1 (x4 channels)``.
+    The block has the same convolutions (count, kernel sizes, strides, output widths) as its
+    residual twin; it has no shortcut and no addition. ``blocks()`` of a PNNH net returns these,
+    one per residual block of the twin, for diagnostics and lesion studies.
+    """
+
+    def __init__(self, in_ch: int, ch: int, stride: int, spec: CoderSpec, in_code: int, bottleneck: bool = False,
+                 shared: dict | None = None):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        plan = [(1, ch, 1), (3, ch, stride), (1, ch * 4, 1)] if bottleneck else [(3, ch, stride), (3, ch, 1)]
+        layers, c_in, code_in = [], in_ch, in_code
+        for k, c_out, s in plan:
+            n_code = spec.split(c_out)[1]
+            holder = None
+            if spec.coder == "shared" and s == 1 and c_in == c_out and n_code > 0:
+                key = (k, c_in, c_out)
+                if key not in shared:
+                    shared[key] = _WeightHolder((n_code, c_in, k, k))
+                holder = shared[key]
+            layers.append(_LAYERS[spec.coder](c_in, c_out, n_code, code_in, k, s, spec, holder))
+            c_in, code_in = c_out, (n_code if spec.coder != "tied" else 0)
+        self.layers = nn.Sequential(*layers)
+        self.out_code = code_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PNNHNet(nn.Module):
+    """A PNNH CNN with the layout of a ResNet twin (same stages, widths, convolutions; no shortcut).
+
+    Args:
+        layers: blocks per stage, e.g. ``(9, 9, 9)`` for the twin of ResNet-56.
+        bottleneck: bottleneck blocks (1x1-3x3-1x1, x4) instead of basic (3x3-3x3).
+        layout: ``"cifar"`` (16/32/64) or ``"imagenet"`` (64/128/256/512).
+        coder: ``"mirror"`` (default), ``"shared"`` (coder weights shared by the same-shape layers
+            of a stage) or ``"tied"`` (tied encoder-decoder summed with the learner).
+        coder_ratio: share ``r`` of each layer's output channels that are coder channels
+            (``2 C_c = r * width``); ``r = 1`` is a looks-linear (all-CReLU) plain net.
+        coder_init: ``"identity"`` (looks-linear: the code passes unchanged), ``"orthogonal"`` or
+            ``"he"`` (no internal path at init).
+        coder_mix: scale (x He) of the coder's weights reading the input's *learner* channels, so
+            learner features get a short route along the coder path; 0 reads only the code.
+        learner_init: ``"dirac"`` (default: learner rows start as the identity on the input's learner
+            channels, as in a dirac-initialised plain net; extra rows He) or ``"he"``.
+        width: multiplier on the stage widths.
+        stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
+            ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
+    """
+
+    def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
+                 in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.5,
+                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac", stem: str = "auto",
+                 img_size: int | None = None, drop_rate: float = 0.0):
+        super().__init__()
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init)
+        if layout not in ("cifar", "imagenet"):
+            raise ConfigError(f"unknown layout {layout!r}; use 'cifar' or 'imagenet'")
+        if width <= 0:
+            raise ConfigError(f"width must be positive, got {width}")
+        base = (16, 32, 64) if layout == "cifar" else (64, 128, 256, 512)
+        if len(layers) != len(base):
+            raise ConfigError(f"{layout} layout takes {len(base)} stages, got {len(layers)}")
+        widths = [max(2, int(round(w * width))) for w in base]
+        img_size = img_size or (28 if layout == "cifar" else 224)
+        if stem == "auto":
+            stem = "cifar" if layout == "cifar" else ("small" if img_size <= 64 else "imagenet")
+        if stem not in ("cifar", "small", "imagenet"):
+            raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
+        self.num_classes, self.in_chans, self.layout, self.stem_kind = num_classes, in_chans, layout, stem
+        self.coder, self.coder_ratio = coder, coder_ratio
+        self.drop_rate = drop_rate
+
+        stem_ch = widths[0]
+        stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
+        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init)
+        if stem == "imagenet":
+            self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 3, 1, stem_spec))
+        code = stem_code
+
+        stages, in_ch = [], stem_ch
+        self.shared_coders = nn.ModuleList()  # stage-shared coder weights (coder="shared"), owned here once
+        for i, (n, ch) in enumerate(zip(layers, widths)):
+            shared: dict = {}  # one coder weight per layer shape, per stage
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blk = PNNHBlock(in_ch, ch, stride, spec, code, bottleneck, shared)
+                blocks.append(blk)
+                in_ch, code = ch * blk.expansion, blk.out_code
+            stages.append(nn.Sequential(*blocks))
+            self.shared_coders.extend(shared.values())
+        self.stages = nn.Sequential(*stages)
+        self.num_features = in_ch
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_ch, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        self.default_cfg = dict(input_size=(in_chans, img_size, img_size), num_classes=num_classes, layout=layout)
+
+    # -- uniform interface ---------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """All blocks in forward order (one per residual block of the twin)."""
+        return [b for stage in self.stages for b in stage]
+
+    def pnnh_layers(self) -> list[nn.Module]:
+        """Every PNNH layer (stem first) in forward order."""
+        return [m for m in self.modules() if isinstance(m, (PNNHLayer, TiedCoderLayer))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+
+# -------------------------------------------------------------------------------------------------
+# Registered entry points: pnnh* (default coder) and llplain* (looks-linear, all channels coder)
+# -------------------------------------------------------------------------------------------------
+
+def _cifar_layers(depth: int, bottleneck: bool) -> tuple[int, int, int]:
+    from .resnet import _cifar_layers as layers
+
+    return layers(depth, bottleneck)
+
+
+_IMAGENET = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True, (3, 4, 6, 3)),
+             101: (True, (3, 4, 23, 3)), 152: (True, (3, 8, 36, 3))}
+
+
+def cifar_pnnh(depth: int, *, bottleneck: bool = False, **kwargs) -> PNNHNet:
+    """CIFAR-layout PNNH net of ``depth`` weighted layers (6n+2 basic / 9n+2 bottleneck)."""
+    return PNNHNet(_cifar_layers(depth, bottleneck), bottleneck, layout="cifar", **kwargs)
+
+
+def imagenet_pnnh(depth: int, **kwargs) -> PNNHNet:
+    """ImageNet-layout PNNH-18/34/50/101/152."""
+    bottleneck, layers = _IMAGENET[depth]
+    return PNNHNet(layers, bottleneck, layout="imagenet", **kwargs)
+
+
+def _looks_linear(builder):
+    def build(**kwargs):
+        for k in ("coder", "coder_ratio"):
+            if k in kwargs:
+                raise ConfigError(f"llplain models fix {k}; use pnnh* with coder_ratio=1.0 to vary it")
+        return builder(coder="mirror", coder_ratio=1.0, **kwargs)
+
+    return build
+
+
+def _register_family() -> None:
+    g = globals()
+
+    def add(name, family, depth, layout, builder, doc):
+        def fn(**kwargs):
+            return builder(**kwargs)
+
+        fn.__name__, fn.__doc__ = name, doc
+        g[name] = register_model(fn, family=family, depth=depth, layout=layout)
+
+    for d in (20, 32, 44, 56, 110, 1202):
+        add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),
+            f"PNNH-{d}: ResNet-{d}'s layout as mirrored learner+coder layers, no shortcut.")
+        add(f"llplain{d}", "looks_linear", d, "cifar", _looks_linear(lambda d=d, **k: cifar_pnnh(d, **k)),
+            f"Looks-linear plain-{d}: CReLU with mirrored identity init on every channel.")
+    for d in (164, 1001):
+        add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k),
+            f"PNNH-{d}: bottleneck ResNet-{d}'s layout as learner+coder layers, no shortcut.")
+        add(f"llplain{d}", "looks_linear", d, "cifar",
+            _looks_linear(lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k)),
+            f"Looks-linear plain-{d} (bottleneck layout).")
+    for d in _IMAGENET:
+        add(f"pnnh{d}", "pnnh", d, "imagenet", lambda d=d, **k: imagenet_pnnh(d, **k),
+            f"PNNH-{d}: ResNet-{d}'s ImageNet layout as learner+coder layers, no shortcut.")
+        add(f"llplain{d}", "looks_linear", d, "imagenet", _looks_linear(lambda d=d, **k: imagenet_pnnh(d, **k)),
+            f"Looks-linear plain-{d} (ImageNet layout).")
+
+
+_register_family()

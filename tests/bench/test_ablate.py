@@ -1,0 +1,71 @@
+"""`pnnh ablate`: runs every cell once, reuses finished runs, reports mean ± std and missing runs."""
+
+import json
+
+import pytest
+
+from pnnh.cli import main
+from pnnh.errors import ConfigError
+from pnnh.bench.ablate import VARIANTS, aggregate, parse_variant, side_by_side_throughput
+
+TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
+        "--test-subset", "100"]
+# depth 8 = one block per stage; width 0.25 keeps each run to a second or two
+VARS = "p=pnnh{d}:width=0.25,r=resnet{d}:width=0.25"
+
+
+def test_ablate_runs_reuses_and_reports(tmp_path, fmnist_dir, capsys, monkeypatch):
+    import pnnh.models.pnnh_cnn as pc
+    import pnnh.models.resnet as rn
+
+    # depth 8 is not registered; register throwaway entry points for this test only
+    from pnnh.models._registry import _MODELS, ModelInfo
+
+    for name, fn in (("pnnh8", lambda **k: pc.cifar_pnnh(8, **k)), ("resnet8", lambda **k: rn.cifar_resnet(8, **k))):
+        monkeypatch.setitem(_MODELS, name, ModelInfo(name, "test", 8, "cifar", fn))
+    out, report = tmp_path / "abl", tmp_path / "r.md"
+    args = ["ablate", "--variants", VARS, "--seeds", "0,1", "--out", str(out), "--report", str(report),
+            "--data-dir", str(fmnist_dir), *TINY]
+    main(args)
+    first = capsys.readouterr().out
+    assert first.count("test acc") == 4  # 2 variants x 2 seeds trained
+    text = report.read_text()
+    assert "pnnh ablate" in text and "## short budget, depth 8" in text
+    row = next(l for l in text.splitlines() if l.startswith("| p |"))
+    assert "| 2 |" in row and "±" in row
+    assert (out / "short" / "d8" / "p" / "s1" / "summary.json").exists()
+
+    main(args)  # everything finished: nothing trains again
+    assert "test acc" not in capsys.readouterr().out
+
+    main([*args[:4], "0,1,2", *args[5:], "--dry-run"])  # a third seed, not run: reported as missing
+    text = report.read_text()
+    assert "not run: seeds [2]" in text
+
+
+def test_variants_parse_and_config_errors(tmp_path):
+    v = parse_variant("x=pnnh{d}:coder_ratio=0.25,coder=shared")
+    assert v.model(56) == "pnnh56" and v.kwargs == {"coder_ratio": 0.25, "coder": "shared"}
+    assert parse_variant("pnnh") is VARIANTS["pnnh"]
+    with pytest.raises(ConfigError, match="unknown variant"):
+        parse_variant("pnhh")
+    with pytest.raises(ConfigError, match="\\{d\\}"):
+        parse_variant("x=pnnh56")
+    with pytest.raises(SystemExit):
+        main(["ablate", "--budgets", "forever", "--out", str(tmp_path)])
+
+
+def test_aggregate_mean_std_and_diverged():
+    recs = [{"budget": "short", "depth": 20, "variant": "a", "model": "m", "kwargs": {}, "seed": s,
+             "summary": {"status": "complete", "test_acc": acc, "train_img_per_s": 10.0, "wall_s": 1.0, "params": 5}}
+            for s, acc in ((0, 0.5), (1, 0.7))]
+    recs.append({"budget": "short", "depth": 20, "variant": "a", "model": "m", "kwargs": {}, "seed": 2,
+                 "summary": {"status": "diverged"}})
+    (row,) = aggregate(recs)
+    assert row["accs"] == [50.0, 70.0] and row["diverged"] == [2]
+
+
+def test_side_by_side_throughput_ratios():
+    rows = side_by_side_throughput([("resnet20", {"width": 0.25}), ("pnnh20", {"width": 0.25})], batch_size=8,
+                                   rounds=1, steps_per_round=1)
+    assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]

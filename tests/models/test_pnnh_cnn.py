@@ -1,0 +1,169 @@
+"""PNNH CNNs: layout twins of the ResNets, the coder's internal path, and the plain-conv folding."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pnnh
+from pnnh.errors import ConfigError
+from pnnh.models.pnnh_cnn import PNNHLayer, TiedCoderLayer
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def n_weighted(m: nn.Module) -> int:
+    """Conv layers (PNNH layers count once each) + linear layers, excluding projection shortcuts."""
+    n = 0
+    for name, mod in m.named_modules():
+        if "shortcut" in name:
+            continue
+        if isinstance(mod, (PNNHLayer, TiedCoderLayer, nn.Conv2d, nn.Linear)):
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("depth", [20, 56, 164])
+def test_same_depth_fewer_parameters_than_resnet_twin(depth):
+    p, r, ll = (pnnh.create_model(f"{f}{depth}") for f in ("pnnh", "resnet", "llplain"))
+    assert n_weighted(p) == n_weighted(r) == depth
+    assert len(p.blocks()) == len(r.blocks())
+    assert n_params(ll) < n_params(p) < n_params(r)
+    # r=0.5: each conv has 3/4 of the twin's outputs; r=1: half (only the fc layer differs)
+    assert abs(n_params(p) / n_params(r) - 0.75) < 0.03
+    assert abs(n_params(ll) / n_params(r) - 0.5) < 0.03
+
+
+def test_imagenet_layout_and_uniform_interface():
+    m = pnnh.create_model("pnnh18", num_classes=7, in_chans=3, width=0.25).eval()
+    assert n_weighted(m) == 18 and m.default_cfg["input_size"] == (3, 224, 224)
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 128, 2, 2)
+    assert torch.equal(m.forward_head(feats), m(x))
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 128)
+    m.reset_classifier(4)
+    assert m(x).shape == (2, 4) and m.get_classifier().out_features == 4
+    assert n_weighted(pnnh.create_model("pnnh50", width=0.25)) == 50
+
+
+def _codes(model, x):
+    """The code e = relu(e) - relu(-e) that each PNNH layer outputs, in forward order."""
+    out = []
+    hooks = [l.register_forward_hook(lambda mod, i, o: out.append(
+        o[:, mod.n_learn:mod.n_learn + mod.n_code] - o[:, mod.n_learn + mod.n_code:])) for l in model.pnnh_layers()]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_identity_coder_carries_the_code_unchanged_through_the_relus():
+    m = pnnh.create_model("pnnh20", coder_mix=0.0).train()  # batch statistics: BN of a unit code is ~identity
+    codes = _codes(m, torch.randn(16, 1, 28, 28))
+    stem, stage1_last, transition = codes[0], codes[6], codes[7]
+    assert torch.allclose(stem, stage1_last, atol=1e-3)  # 6 layers later, the same tensor
+    # the stride-2 layer copies the subsampled code into its first channels (BN re-standardises the
+    # subsample: equal up to a per-channel affine map), and He-inits the rest
+    sub = stage1_last[:, :, ::2, ::2]
+    copied = transition[:, : sub.shape[1]]
+    for c in range(sub.shape[1]):
+        assert torch.corrcoef(torch.stack([copied[:, c].flatten(), sub[:, c].flatten()]))[0, 1] > 0.9999
+    assert not torch.allclose(transition[:, sub.shape[1]:], torch.zeros(()), atol=1e-2)
+
+
+def test_coder_init_options_change_the_path():
+    x = torch.randn(16, 1, 28, 28)
+    orth = _codes(pnnh.create_model("pnnh20", coder_mix=0.0, coder_init="orthogonal").train(), x)
+    # an orthogonal map keeps the code's norm (BN of a unit-variance code is ~identity) but mixes channels
+    assert torch.allclose(orth[1].norm(), orth[0].norm(), rtol=0.02) and not torch.allclose(orth[1], orth[0], atol=0.1)
+    he = _codes(pnnh.create_model("pnnh20", coder_init="he").train(), x)
+    assert F.cosine_similarity(he[0].flatten(), he[6].flatten(), 0).abs() < 0.3  # no internal path at init
+    mix = _codes(pnnh.create_model("pnnh20", coder_mix=0.1).train(), x)
+    assert 0.9 < F.cosine_similarity(mix[0].flatten(), mix[6].flatten(), 0) < 0.9999
+
+
+def test_dirac_learner_init_copies_the_previous_learner_channels():
+    m = pnnh.create_model("pnnh20", learner_init="dirac", coder_mix=0.0).train()
+    outs = []
+    hooks = [l.register_forward_hook(lambda mod, i, o: outs.append(o[:, :mod.n_learn])) for l in m.pnnh_layers()[:3]]
+    m(torch.randn(8, 1, 28, 28))
+    # layer 2's learner = relu(BN(layer 1's learner)): non-negative inputs, standardised by BN, cut by ReLU
+    a, b = outs[1], outs[2]
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+    with pytest.raises(ConfigError, match="learner_init"):
+        pnnh.create_model("pnnh20", learner_init="zeros")
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"coder": "shared"}, {"coder_ratio": 1.0}, {"coder_ratio": 0.0}])
+def test_as_plain_conv_folds_the_net_into_a_conv_relu_chain(kw):
+    m = pnnh.create_model("pnnh20", **kw)
+    _randomise_bn(m)
+    m.eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        h = x
+        for layer in m.pnnh_layers():
+            w, b = layer.as_plain_conv()
+            assert w.shape[0] == layer.out_ch  # one conv, the layer's full width, no concat
+            h = F.relu(F.conv2d(h, w, b, layer.stride, layer.padding))
+        assert torch.allclose(h, m.forward_features(x), atol=1e-4)
+
+
+def test_tied_coder_does_not_fold_and_is_a_transpose():
+    m = pnnh.create_model("pnnh20", coder="tied")
+    layer = m.pnnh_layers()[1]
+    assert isinstance(layer, TiedCoderLayer)
+    with pytest.raises(ConfigError, match="does not fold"):
+        layer.as_plain_conv()
+    assert not any("dec" in n for n, _ in m.named_parameters())  # the decoder is the encoder, transposed
+
+
+def test_shared_coder_is_one_parameter_per_stage_and_saves(tmp_path):
+    from pnnh.train import load_weights, save_weights
+
+    m = pnnh.create_model("pnnh20", coder="shared")
+    layers = [l for l in m.pnnh_layers() if l._shared is not None]
+    assert len({id(l._shared.weight) for l in layers}) == 3  # one per stage
+    names = [n for n, _ in m.named_parameters()]
+    assert len(names) == len(set(names)) and sum("shared_coders" in n for n in names) == 3
+    assert len(m.state_dict()) == len(set(m.state_dict()))
+    save_weights(tmp_path / "w.safetensors", m)
+    m2 = pnnh.create_model("pnnh20", coder="shared")
+    load_weights(tmp_path / "w.safetensors", m2)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
+    # the sharing survives: a gradient step moves the shared weight seen by every layer
+    m2.train()
+    m2(x).sum().backward()
+    assert m2.shared_coders[0].weight.grad is not None
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="coder"):
+        pnnh.create_model("pnnh20", coder="magic")
+    with pytest.raises(ConfigError, match="coder_ratio"):
+        pnnh.create_model("pnnh20", coder_ratio=1.5)
+    with pytest.raises(ConfigError, match="coder_init"):
+        pnnh.create_model("pnnh20", coder_init="zeros")
+    with pytest.raises(ConfigError, match="fix"):
+        pnnh.create_model("llplain20", coder_ratio=0.5)
+    with pytest.raises(ConfigError, match="3 stages"):
+        pnnh.create_model("pnnh20").__class__((1,), layout="cifar")
+    from pnnh.models.pnnh_cnn import cifar_pnnh
+
+    with pytest.raises(ConfigError, match="6n\\+2"):
+        cifar_pnnh(21)
