@@ -183,6 +183,9 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 
 # --- sub-commands defined in their own modules: one import + add_command each ---------------------
 # (keep imports of heavy modules inside the command functions; this section runs at every start)
+from .report.cli import study_cmd  # noqa: E402
+
+cli.add_command(study_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 
 
