@@ -267,14 +267,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         sums = dist_utils.all_reduce_sum(sums)
         if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
             test = evaluate(model, test_loader, device, amp_dtype)
-        save(None)
         rec = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, total_steps, cfg),
                "train_loss": sums[0].item() / max(sums[2].item(), 1), "train_acc": sums[1].item() / max(sums[2].item(), 1),
                "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
                "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
-        if is_main and out is not None:
+        if is_main and out is not None:  # before the checkpoint: a resume drops lines past its step
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+        save(None)
         if bar is not None:
             bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
                       + (f"  test acc {test['acc']:.4f}" if test else "") + f"  {rec['train_img_per_s']:.0f} img/s")
