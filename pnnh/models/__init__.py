@@ -2,6 +2,7 @@
 
 from ._registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
 from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
+from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
 
 __all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet"]
