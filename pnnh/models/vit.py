@@ -106,19 +106,19 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, ``proj(concat_h softmax(q_h k_h^T / sqrt(d_h)) v_h)``.
 
-    :meth:`mix` returns the heads' output before the projection; ``extra_in`` widens the
-    projection's input for coder channels (PNNH blocks concatenate them to the heads' output).
+    :meth:`mix` returns the heads' output before the projection (PNNH blocks project it together
+    with their coder's code).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, extra_in: int = 0):
+                 proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim + extra_in, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,12 +133,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(drop(gelu(fc1(x))))``; ``extra_in`` widens ``fc2``'s input for coder channels."""
+    """``drop(fc2(drop(gelu(fc1(x)))))``; :meth:`hidden` is the part before ``fc2``."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0, extra_in: int = 0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop)
-        self.fc2, self.drop2 = nn.Linear(hidden + extra_in, dim), nn.Dropout(drop)
+        self.fc2, self.drop2 = nn.Linear(hidden, dim), nn.Dropout(drop)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop1(self.act(self.fc1(x)))
@@ -148,43 +148,58 @@ class Mlp(nn.Module):
 
 
 class MirrorCoder(nn.Module):
-    """Weight-sharing mirrored coder: ``[relu(E x), relu(-E x)]``, ``E`` of shape ``coder_dim x dim``.
+    """Weight-sharing mirrored coder: code ``[relu(E x), relu(-E x)]``, decoded by the next linear layer.
 
-    Both halves share ``E``. Because ``relu(e) - relu(-e) = e``, a linear layer that weights the
-    halves ``+D`` and ``-D`` reads back ``D E x`` exactly: the code crosses the non-linearity.
-    :meth:`init_looks_linear_` sets ``E`` to the first ``coder_dim`` rows of the identity and the
-    consumer's coder columns to ``[E^T, -E^T]``, so the pair carries the first ``coder_dim``
-    token channels unchanged at initialisation (all of them when ``coder_dim == dim``).
+    Both halves share the encoder ``E`` (``coder_dim x dim``). The coder owns the decoder columns
+    ``D = [D+, D-]`` (``dim x 2 coder_dim``) of the linear layer that reads the code next to the
+    learner's features: :meth:`project` computes ``W h + D [relu(E x) ; relu(-E x)] + b`` as one
+    matrix product over the concatenation ``[h ; code]``. Because ``relu(e) - relu(-e) = e``,
+    ``D = [E^T, -E^T]`` reads back ``E^T E x``: :meth:`init_looks_linear_` sets ``E`` to the first
+    ``coder_dim`` rows of the identity, so at initialisation the code carries the first
+    ``coder_dim`` token channels across the non-linearity unchanged. ``E``, ``D+`` and ``D-`` are
+    independent parameters afterwards; training may make the coder truly non-linear.
+
+    ``gain`` scales the stored parameters (``E = gain * enc``, ``D = gain * dec``), an
+    equalised-learning-rate reparametrisation: with Adam every stored entry moves by about the
+    learning rate per step, so the coder's effective step is ``gain`` times the learner's. The
+    function at init does not depend on ``gain``.
     """
 
-    def __init__(self, dim: int, coder_dim: int):
+    def __init__(self, dim: int, coder_dim: int, gain: float = 1.0):
         super().__init__()
-        self.dim, self.coder_dim = dim, coder_dim
-        self.enc = nn.Linear(dim, coder_dim, bias=False)
-
-    @property
-    def out_dim(self) -> int:
-        return 2 * self.coder_dim
+        if gain <= 0:
+            raise ConfigError(f"coder_gain must be > 0, got {gain}")
+        self.dim, self.coder_dim, self.gain = dim, coder_dim, gain
+        self.enc = nn.Parameter(torch.empty(coder_dim, dim))
+        self.dec = nn.Parameter(torch.empty(dim, 2 * coder_dim))
+        self.init_looks_linear_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.enc(x)
+        """The code ``[relu(E x), relu(-E x)]``, shape ``(..., 2 * coder_dim)``."""
+        e = F.linear(x, self.enc * self.gain)
         return torch.cat([F.relu(e), F.relu(-e)], dim=-1)
 
+    def project(self, h: torch.Tensor, x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
+        """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``."""
+        weight = torch.cat([consumer.weight, self.dec * self.gain], dim=1)
+        return F.linear(torch.cat([h, self(x)], dim=-1), weight, consumer.bias)
+
     @torch.no_grad()
-    def init_looks_linear_(self, consumer: nn.Linear) -> None:
-        """Identity encoder; ``consumer``'s last ``2 * coder_dim`` input columns set to ``[E^T, -E^T]``."""
-        eye = torch.eye(self.coder_dim, self.dim, dtype=self.enc.weight.dtype, device=self.enc.weight.device)
-        self.enc.weight.copy_(eye)
-        c = self.coder_dim
-        consumer.weight[:, -2 * c:-c].copy_(eye.t())
-        consumer.weight[:, -c:].copy_(-eye.t())
+    def init_looks_linear_(self) -> None:
+        """``E`` = first ``coder_dim`` identity rows; ``D = [E^T, -E^T]`` (stored divided by ``gain``)."""
+        eye = torch.eye(self.coder_dim, self.dim, dtype=self.enc.dtype, device=self.enc.device)
+        self.enc.copy_(eye / self.gain)
+        self.dec.copy_(torch.cat([eye.t(), -eye.t()], dim=1) / self.gain)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, coder_dim={self.coder_dim}, gain={self.gain}"
 
 
 class Block(nn.Module):
     """Residual pre-norm block: ``x + drop_path(attn(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, coder_dim: int = 0):
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
@@ -206,7 +221,7 @@ class PlainBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, coder_dim: int = 0):
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         if drop_path > 0:
             raise ConfigError("drop_path_rate needs a residual or PNNH ViT: a plain block has no branch to drop")
@@ -222,42 +237,42 @@ class PlainBlock(nn.Module):
 class PNNHBlock(nn.Module):
     """Two plain PNNH layers (attention, then MLP), each ``W [learner(norm(x)) ; relu(E x) ; relu(-E x)] + b``.
 
-    Attention layer:  ``y = P [drop_path(A(norm1(x))) ; relu(E1 x) ; relu(-E1 x)] + b``
-    MLP layer:        ``z = W2 [drop_path(gelu(W1 norm2(y) + b1)) ; relu(E2 y) ; relu(-E2 y)] + b2``
+    Attention layer:  ``y = [P | D1] [drop_path(A(norm1(x))) ; relu(E1 x) ; relu(-E1 x)] + b``
+    MLP layer:        ``z = [W2 | D2] [drop_path(gelu(W1 norm2(y) + b1)) ; relu(E2 y) ; relu(-E2 y)] + b2``
 
-    ``A`` is the heads' output before projection. The learner reads the normalised token; the
-    coder reads the raw token, so LayerNorm never sits on the internal path (like the residual
-    stream of a pre-norm ViT). Dropout and stochastic depth act on the learner features only.
-    With the looks-linear init (:meth:`MirrorCoder.init_looks_linear_`) the block computes the
-    same function as a residual block at initialisation; training is free to make the coder
-    non-linear (the ``+D``/``-D`` columns and ``E`` are ordinary, untied parameters).
+    ``A`` is the heads' output before projection, ``P`` the attention projection. The learner reads
+    the normalised token; the coder reads the raw token, so LayerNorm never sits on the internal
+    path (like the residual stream of a pre-norm ViT). Dropout and stochastic depth act on the
+    learner features only. With the looks-linear init (:meth:`MirrorCoder.init_looks_linear_`) the
+    block computes the same function as a residual block at initialisation.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, coder_dim: int | None = None):
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 coder_dim: int | None = None, coder_gain: float = 1.0):
         super().__init__()
         coder_dim = dim if coder_dim is None else coder_dim
         if not 1 <= coder_dim <= dim:
             raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
         self.norm1 = nn.LayerNorm(dim)
-        self.coder1 = MirrorCoder(dim, coder_dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=0.0, extra_in=2 * coder_dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=0.0)
+        self.coder1 = MirrorCoder(dim, coder_dim, coder_gain)
         self.drop1 = nn.Dropout(proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.coder2 = MirrorCoder(dim, coder_dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, extra_in=2 * coder_dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.coder2 = MirrorCoder(dim, coder_dim, coder_gain)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def init_coders_(self) -> None:
-        self.coder1.init_looks_linear_(self.attn.proj)
-        self.coder2.init_looks_linear_(self.mlp.fc2)
+        self.coder1.init_looks_linear_()
+        self.coder2.init_looks_linear_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         learner = self.drop_path1(self.drop1(self.attn.mix(self.norm1(x))))
-        x = self.attn.proj(torch.cat([learner, self.coder1(x)], dim=-1))
+        x = self.coder1.project(learner, x, self.attn.proj)
         learner = self.drop_path2(self.mlp.hidden(self.norm2(x)))
-        x = self.mlp.fc2(torch.cat([learner, self.coder2(x)], dim=-1))
+        x = self.coder2.project(learner, x, self.mlp.fc2)
         return x
 
 
@@ -285,7 +300,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, block: str = "residual", global_pool: str = "token",
-                 coder_ratio: float = 1.0, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
+                 coder_ratio: float = 1.0, coder_gain: float = 0.1, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
         if block not in BLOCKS:
@@ -303,7 +318,7 @@ class VisionTransformer(nn.Module):
         self.num_classes, self.in_chans, self.global_pool, self.block_kind = num_classes, in_chans, global_pool, block
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
-        coder_dim = max(1, round(coder_ratio * embed_dim)) if block == "pnnh" else 0
+        extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain) if block == "pnnh" else {}
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
@@ -311,8 +326,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.layers = nn.Sequential(*[
-            BLOCKS[block](embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i],
-                          coder_dim=coder_dim)
+            BLOCKS[block](embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], **extra)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
