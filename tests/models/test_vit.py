@@ -54,6 +54,11 @@ def test_uniform_interface():
     m.reset_classifier(4)
     assert m(torch.randn(2, 3, 28, 28)).shape == (2, 4) and m.get_classifier().out_features == 4
     assert m.no_weight_decay() == {"pos_embed", "cls_token"}
+    # the class token is added into an empty slot: the same as concatenating it (timm), exactly
+    m.eval()
+    x = torch.randn(2, 3, 28, 28)
+    tokens = torch.cat([m.cls_token.expand(2, -1, -1), m.patch_embed(x)], 1) + m.pos_embed
+    assert torch.equal(m.norm(m.layers(tokens)), m.forward_features(x))
 
 
 def test_patch_size_that_does_not_divide_is_a_config_error():
@@ -209,13 +214,13 @@ def test_param_count_formula():
     assert n(small("plain")) == n(r)
 
 
-@pytest.mark.parametrize("name", ["pnnh_vit_mini_d6", "plain_vit_mini_d6"])
-def test_tiny_training_run_learns(tmp_path, fmnist_dir, name):
+def test_tiny_pnnh_training_run_learns(tmp_path, fmnist_dir):
     from pnnh.train import TrainConfig, train
 
-    cfg = TrainConfig(model=name, model_kwargs={"patch_size": 7, "embed_dim": 48}, train_subset=1024,
-                      test_subset=500, batch_size=64, steps=48, optimizer="adamw", lr=2e-3, weight_decay=0.05,
-                      schedule="cosine", warmup=0.1, label_smoothing=0.1, progress=False, out=str(tmp_path / "r"))
+    cfg = TrainConfig(model="pnnh_vit_mini_d6", model_kwargs={"patch_size": 7, "embed_dim": 32, "num_heads": 2},
+                      train_subset=2048, test_subset=500, batch_size=32, steps=64, optimizer="adamw", lr=3e-3,
+                      weight_decay=0.05, schedule="cosine", warmup=0.1, augment=False, progress=False,
+                      out=str(tmp_path / "r"))
     s = train(cfg)
-    assert s["test_acc"] > 0.5, s["test_acc"]  # 10 classes: chance is 0.1
-    assert s["curve"][-1][1] < s["curve"][0][1]
+    assert s["test_acc"] > 0.3, s["test_acc"]  # 10 classes: chance is 0.1
+    assert s["curve"][-1][1] < s["curve"][0][1] - 0.2
