@@ -4,6 +4,7 @@ from ._registry import ModelInfo, create_model, is_model, list_models, model_inf
 from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
 from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, resnext*, highway*, se_resnet* ...)
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
+from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
 
 __all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet"]

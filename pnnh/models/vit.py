@@ -1,0 +1,447 @@
+"""Vision Transformers: residual, plain (no residual adds) and PNNH (learner + coder), timm style.
+
+One configurable class, :class:`VisionTransformer`, builds every member of the family. Its
+``block`` option picks one of three small block modules that share the same sub-layers
+(:class:`Attention`, :class:`Mlp`, pre-norm :class:`~torch.nn.LayerNorm`):
+
+- ``"residual"`` (:class:`Block`): the standard pre-norm block of ViT/DeiT,
+  ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
+- ``"plain"`` (:class:`PlainBlock`): the same layers with both residual adds removed,
+  ``x = attn(norm1(x)); x = mlp(norm2(x))``.
+- ``"pnnh"`` (:class:`PNNHBlock`): each sub-layer is one *plain* PNNH layer. A *learner* (the
+  attention heads, or the MLP's GELU hidden units) reads the normalised token; a weight-sharing
+  mirrored *coder* ``[relu(E x), relu(-E x)]`` reads the raw token; the sub-layer's output
+  projection reads the concatenation of both. There is no ``x + f(x)``: the input reaches the
+  output only through ``E``, a ReLU and the projection. ``E`` and the projection's coder columns
+  start *looks-linear* (``E = I``, columns ``[I, -I]``), so at initialisation the coder carries
+  its input across the non-linearity unchanged. See ``docs/vit.md`` for the equations and what
+  is the paper's vs our choice.
+
+Patch embedding is a stride-``patch_size`` convolution; pooling is a class token (``"token"``)
+or the mean of the patch tokens (``"avg"``). Attention goes through
+:func:`torch.nn.functional.scaled_dot_product_attention`. Forward passes have no data-dependent
+Python control flow, so every model is ``torch.fx``-traceable (the input-size check is an
+``fx.wrap``-ed leaf function).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ._registry import register_model
+
+__all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
+           "PlainBlock", "PNNHBlock", "BLOCKS", "FAMILIES", "SIZES", "DEPTHS", "vit"]
+
+
+def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
+    """Raise :class:`ConfigError` unless ``x`` is ``img_size`` x ``img_size``.
+
+    The position embedding is learned for one token grid, so the input size is fixed at
+    construction (``img_size=``).
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    if h % patch_size or w % patch_size:
+        raise ConfigError(f"input of {h}x{w} px is not divisible by the ViT patch size {patch_size}; "
+                          f"use images whose sides are multiples of {patch_size} or another patch_size")
+    if h != img_size or w != img_size:
+        raise ConfigError(f"this ViT was built for {img_size}x{img_size} px inputs (its position embedding "
+                          f"has a {img_size // patch_size}x{img_size // patch_size} grid), got {h}x{w}; "
+                          f"build it with img_size={h}" + ("" if h == w else " (square inputs only)"))
+
+
+# A leaf for torch.fx: the check is recorded as one call, not traced into (it branches on shapes).
+torch.fx.wrap("check_input_size")
+
+
+class PatchEmbed(nn.Module):
+    """Image to tokens: a ``patch_size`` x ``patch_size`` stride-``patch_size`` conv, flattened.
+
+    ``(B, C, H, W) -> (B, (H/p)(W/p), dim)``.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        if patch_size < 1 or img_size < 1:
+            raise ConfigError(f"img_size and patch_size must be positive, got {img_size} and {patch_size}")
+        if img_size % patch_size:
+            divisors = [p for p in range(1, img_size + 1) if img_size % p == 0]
+            raise ConfigError(f"ViT patch size {patch_size} does not divide the image size {img_size}; "
+                              f"patch sizes that do: {', '.join(map(str, divisors))}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.img_size, self.patch_size)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (per sample): zero a whole branch with probability ``p``, scale by ``1/(1-p)``.
+
+    Identity in eval mode. Tokens are ``(B, N, C)``; the mask is ``(B, 1, 1)``.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:  # module state, not data: fx-safe
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, ``proj(concat_h softmax(q_h k_h^T / sqrt(d_h)) v_h)``.
+
+    :meth:`mix` returns the heads' output before the projection (PNNH blocks project it together
+    with their coder's code).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return x.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.mix(x)))
+
+
+class Mlp(nn.Module):
+    """``drop(fc2(drop(gelu(fc1(x)))))``; :meth:`hidden` is the part before ``fc2``."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop)
+        self.fc2, self.drop2 = nn.Linear(hidden, dim), nn.Dropout(drop)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop1(self.act(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.hidden(x)))
+
+
+class MirrorCoder(nn.Module):
+    """Weight-sharing mirrored coder: code ``[relu(E x), relu(-E x)]``, decoded by the next linear layer.
+
+    Both halves share the encoder ``E`` (``coder_dim x dim``). The coder owns the decoder columns
+    ``D = [D+, D-]`` (``dim x 2 coder_dim``) of the linear layer that reads the code next to the
+    learner's features: :meth:`project` computes ``W h + D [relu(E x) ; relu(-E x)] + b`` as one
+    matrix product over the concatenation ``[h ; code]``. Because ``relu(e) - relu(-e) = e``,
+    ``D = [E^T, -E^T]`` reads back ``E^T E x``: :meth:`init_looks_linear_` sets ``E`` to the first
+    ``coder_dim`` rows of the identity, so at initialisation the code carries the first
+    ``coder_dim`` token channels across the non-linearity unchanged. ``E``, ``D+`` and ``D-`` are
+    independent parameters afterwards; training may make the coder truly non-linear.
+
+    ``gain`` scales the stored parameters (``E = gain * enc``, ``D = gain * dec``), an
+    equalised-learning-rate reparametrisation: with Adam every stored entry moves by about the
+    learning rate per step, so the coder's effective step is ``gain`` times the learner's. The
+    function at init does not depend on ``gain``.
+    """
+
+    def __init__(self, dim: int, coder_dim: int, gain: float = 1.0):
+        super().__init__()
+        if gain <= 0:
+            raise ConfigError(f"coder_gain must be > 0, got {gain}")
+        self.dim, self.coder_dim, self.gain = dim, coder_dim, gain
+        self.enc = nn.Parameter(torch.empty(coder_dim, dim))
+        self.dec = nn.Parameter(torch.empty(dim, 2 * coder_dim))
+        self.init_looks_linear_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The code ``[relu(E x), relu(-E x)]``, shape ``(..., 2 * coder_dim)``."""
+        e = F.linear(x, self.enc * self.gain)
+        return torch.cat([F.relu(e), F.relu(-e)], dim=-1)
+
+    def project(self, h: torch.Tensor, x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
+        """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``."""
+        weight = torch.cat([consumer.weight, self.dec * self.gain], dim=1)
+        return F.linear(torch.cat([h, self(x)], dim=-1), weight, consumer.bias)
+
+    @torch.no_grad()
+    def init_looks_linear_(self) -> None:
+        """``E`` = first ``coder_dim`` identity rows; ``D = [E^T, -E^T]`` (stored divided by ``gain``)."""
+        eye = torch.eye(self.coder_dim, self.dim, dtype=self.enc.dtype, device=self.enc.device)
+        self.enc.copy_(eye / self.gain)
+        self.dec.copy_(torch.cat([eye.t(), -eye.t()], dim=1) / self.gain)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, coder_dim={self.coder_dim}, gain={self.gain}"
+
+
+class Block(nn.Module):
+    """Residual pre-norm block: ``x + drop_path(attn(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PlainBlock(nn.Module):
+    """The residual block's layers with both adds removed: ``x = attn(norm1(x)); x = mlp(norm2(x))``.
+
+    Stochastic depth needs a branch to drop; a plain block has none, so ``drop_path > 0`` is an error.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        if drop_path > 0:
+            raise ConfigError("drop_path_rate needs a residual or PNNH ViT: a plain block has no branch to drop")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(self.attn(self.norm1(x))))
+
+
+class PNNHBlock(nn.Module):
+    """Two plain PNNH layers (attention, then MLP), each ``W [learner(norm(x)) ; relu(E x) ; relu(-E x)] + b``.
+
+    Attention layer:  ``y = [P | D1] [drop_path(A(norm1(x))) ; relu(E1 x) ; relu(-E1 x)] + b``
+    MLP layer:        ``z = [W2 | D2] [drop_path(gelu(W1 norm2(y) + b1)) ; relu(E2 y) ; relu(-E2 y)] + b2``
+
+    ``A`` is the heads' output before projection, ``P`` the attention projection. The learner reads
+    the normalised token; the coder reads the raw token, so LayerNorm never sits on the internal
+    path (like the residual stream of a pre-norm ViT). Dropout and stochastic depth act on the
+    learner features only. With the looks-linear init (:meth:`MirrorCoder.init_looks_linear_`) the
+    block computes the same function as a residual block at initialisation.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 coder_dim: int | None = None, coder_gain: float = 1.0):
+        super().__init__()
+        coder_dim = dim if coder_dim is None else coder_dim
+        if not 1 <= coder_dim <= dim:
+            raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=0.0)
+        self.coder1 = MirrorCoder(dim, coder_dim, coder_gain)
+        self.drop1 = nn.Dropout(proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.coder2 = MirrorCoder(dim, coder_dim, coder_gain)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def init_coders_(self) -> None:
+        self.coder1.init_looks_linear_()
+        self.coder2.init_looks_linear_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        learner = self.drop_path1(self.drop1(self.attn.mix(self.norm1(x))))
+        x = self.coder1.project(learner, x, self.attn.proj)
+        learner = self.drop_path2(self.mlp.hidden(self.norm2(x)))
+        x = self.coder2.project(learner, x, self.mlp.fc2)
+        return x
+
+
+BLOCKS = {"residual": Block, "plain": PlainBlock, "pnnh": PNNHBlock}
+
+
+class VisionTransformer(nn.Module):
+    """Residual, plain or PNNH Vision Transformer.
+
+    Args:
+        img_size: input side in pixels (square inputs; the position embedding is fixed to it).
+        patch_size: patch side; must divide ``img_size`` (4 or 7 for 28 px images).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT sizes.
+        block: ``"residual"``, ``"plain"`` (adds removed) or ``"pnnh"`` (learner + mirrored coder).
+        global_pool: ``"token"`` (class token, the ViT/DeiT default) or ``"avg"`` (mean of patch
+            tokens, no class token).
+        coder_ratio: PNNH only: coder width as a fraction of ``embed_dim`` (1.0 carries every token
+            channel; smaller values carry the first ``round(ratio * dim)`` channels and cost less).
+        drop_rate: dropout before the classifier. pos_drop_rate: after adding the position embedding.
+        proj_drop_rate: dropout in the sub-layers (after the projection / MLP; on learner features
+            in PNNH blocks). attn_drop_rate: on attention weights. drop_path_rate: stochastic depth,
+            linearly increasing to this value over the blocks (residual and PNNH only).
+    """
+
+    def __init__(self, *, img_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
+                 embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, block: str = "residual", global_pool: str = "token",
+                 coder_ratio: float = 1.0, coder_gain: float = 0.1, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
+                 proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        if block not in BLOCKS:
+            raise ConfigError(f"unknown ViT block {block!r}; use {', '.join(BLOCKS)}")
+        if global_pool not in ("token", "avg"):
+            raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if depth < 1 or embed_dim < 1 or mlp_ratio <= 0:
+            raise ConfigError(f"depth, embed_dim and mlp_ratio must be positive, got {depth}, {embed_dim}, {mlp_ratio}")
+        for name, p in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate), ("proj_drop_rate", proj_drop_rate),
+                        ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
+            if not 0 <= p < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {p}")
+        if block == "pnnh" and not 0 < coder_ratio <= 1:
+            raise ConfigError(f"coder_ratio must be in (0, 1], got {coder_ratio}")
+        self.num_classes, self.in_chans, self.global_pool, self.block_kind = num_classes, in_chans, global_pool, block
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if global_pool == "token" else 0
+        extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain) if block == "pnnh" else {}
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
+        self.layers = nn.Sequential(*[
+            BLOCKS[block](embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], **extra)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+        self._init_weights()
+        self.default_cfg = dict(input_size=(in_chans, img_size, img_size), num_classes=num_classes, layout="vit",
+                                patch_size=patch_size)
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """timm's ViT init: trunc-normal(0.02) linears and position embedding, zero biases, unit norms.
+
+        PNNH blocks then set their coders looks-linear (the coder carries its input at init).
+        The patch-embedding conv keeps PyTorch's default init, as in timm.
+        """
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.layers:
+            if isinstance(blk, PNNHBlock):
+                blk.init_coders_()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names conventionally excluded from weight decay (timm's hook)."""
+        return {"pos_embed", "cls_token"}
+
+    # -- uniform interface ---------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """All transformer blocks in forward order (for diagnostics and lesion studies)."""
+        return list(self.layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` to normalised tokens ``(B, num_prefix_tokens + N, embed_dim)``."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            # An empty slot in front, then [cls + pos_0, pos_1, ...]: the same sum as concatenating
+            # the class token, but the only tensor joined with the tokens is a parameter expression
+            # (a class-token concat would read as "tokens carried past a parameter" to fx checks).
+            x = F.pad(x, (0, 0, 1, 0))
+            pos = self.pos_embed + F.pad(self.cls_token, (0, 0, 0, self.patch_embed.num_patches))
+        else:
+            pos = self.pos_embed
+        x = self.pos_drop(x + pos)
+        return self.norm(self.layers(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+
+# -------------------------------------------------------------------------------------------------
+# Registered entry points: {vit, plain_vit, pnnh_vit}_{mini, tiny}_d{6, 12, 24}
+# -------------------------------------------------------------------------------------------------
+
+# tiny = DeiT-tiny's width (192, 3 heads); mini = half of it, small enough for CPU studies.
+SIZES = {"mini": dict(embed_dim=96, num_heads=3), "tiny": dict(embed_dim=192, num_heads=3)}
+DEPTHS = (6, 12, 24)
+FAMILIES = {"vit": "residual", "plain_vit": "plain", "pnnh_vit": "pnnh"}  # family -> block kind
+
+
+def vit(size: str = "tiny", depth: int = 12, block: str = "residual", **kwargs) -> VisionTransformer:
+    """Build a ViT of a named width (``mini`` / ``tiny``) and any depth; kwargs override the size."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown ViT size {size!r}; use {', '.join(SIZES)}")
+    return VisionTransformer(**{**SIZES[size], "depth": depth, "block": block, **kwargs})
+
+
+_DOCS = {"residual": "ViT-{S}, depth {d}: pre-norm residual blocks (ViT/DeiT).",
+         "plain": "Plain ViT-{S}, depth {d}: the residual ViT's layers with both residual adds removed.",
+         "pnnh": "PNNH ViT-{S}, depth {d}: learner + mirrored weight-sharing coder in attention and MLP, no residual add."}
+
+
+def _entry_point(name: str, size: str, depth: int, kind: str):
+    def fn(**kwargs):
+        fixed = sorted({"depth", "block"} & set(kwargs))
+        if fixed:
+            raise ConfigError(f"{name} fixes {' and '.join(fixed)} in its name; pick another registered model "
+                              f"(`pnnh models '*vit*'`) or build VisionTransformer(...) directly")
+        return vit(size, depth, kind, **kwargs)
+
+    fn.__name__ = name
+    return fn
+
+
+def _register_family() -> None:
+    g = globals()
+    for family, kind in FAMILIES.items():
+        for size, dims in SIZES.items():
+            for d in DEPTHS:
+                name = f"{family}_{size}_d{d}"
+                fn = _entry_point(name, size, d, kind)
+                fn.__doc__ = _DOCS[kind].format(S=f"{size} (dim {dims['embed_dim']})", d=d)
+                g[name] = register_model(fn, family=family, depth=d, layout="vit")
+
+
+_register_family()
