@@ -439,7 +439,7 @@ def _register_family() -> None:
         fn.__name__, fn.__doc__ = name, doc
         g[name] = register_model(fn, family=family, depth=depth, layout=layout)
 
-    for d in (20, 32, 44, 56, 110, 1202):
+    for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),
             f"PNNH-{d}: ResNet-{d}'s layout as mirrored learner+coder layers, no shortcut.")
         add(f"llplain{d}", "looks_linear", d, "cifar", _looks_linear(lambda d=d, **k: cifar_pnnh(d, **k)),

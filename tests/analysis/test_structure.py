@@ -28,9 +28,17 @@ RESIDUAL = _representatives("resnet") + _representatives("preact_resnet")
 
 
 def test_representatives_cover_every_layout_and_block_type():
-    assert {"plain20", "plain164", "plain18", "plain50", "pnnh20", "pnnh164", "pnnh18", "pnnh50",
-            "llplain20", "llplain164"} <= set(PLAIN)
-    assert {"resnet20", "resnet164", "resnet18", "resnet50", "preact_resnet20", "preact_resnet164"} <= set(RESIDUAL)
+    def kinds(names):  # (family, layout, bottleneck?) of each representative
+        return {(model_info(n).family, model_info(n).layout, model_info(n).depth in (50, 101, 152, 164, 1001))
+                for n in names}
+
+    # each family covers CIFAR basic + bottleneck and ImageNet basic + bottleneck
+    for fam in ("plain", "pnnh", "looks_linear"):
+        assert {(l, b) for f, l, b in kinds(PLAIN) if f == fam} == {("cifar", False), ("cifar", True),
+                                                                      ("imagenet", False), ("imagenet", True)}, fam
+    assert {(l, b) for f, l, b in kinds(RESIDUAL) if f == "resnet"} == {("cifar", False), ("cifar", True),
+                                                                          ("imagenet", False), ("imagenet", True)}
+    assert {(l, b) for f, l, b in kinds(RESIDUAL) if f == "preact_resnet"} == {("cifar", False), ("cifar", True)}
 
 
 @pytest.mark.parametrize("name", PLAIN)
