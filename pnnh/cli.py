@@ -195,6 +195,10 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 from .analysis.command import diagnose_cmd  # noqa: E402
 
 cli.add_command(diagnose_cmd)
+
+from .report.cli import study_cmd  # noqa: E402
+
+cli.add_command(study_cmd)
 # --- end of sub-commands ---------------------------------------------------------------------------
 
 

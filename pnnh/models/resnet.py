@@ -303,7 +303,7 @@ def _register_family() -> None:
         fn.__name__, fn.__doc__ = name, doc
         g[name] = register_model(fn, family=family, depth=depth, layout=layout)
 
-    for d in (20, 32, 44, 56, 110, 1202):
+    for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),
             f"ResNet-{d}, CIFAR layout, basic blocks, option-A shortcuts (He et al. 2016).")
         add(f"plain{d}", "plain", d, "cifar", lambda d=d, **k: cifar_resnet(d, plain=True, **k),

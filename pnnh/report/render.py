@@ -1,0 +1,533 @@
+"""Study reports: ``report.md`` (plots as PNG files) and a self-contained ``report.html``.
+
+Both are built from the same pieces, computed from ``results.json`` (see
+:mod:`pnnh.report.study`): verdict sentences, tables (rows of strings) and matplotlib figures
+(rendered with the Agg canvas, never a display). The HTML embeds every figure as a base64 PNG
+and has no scripts or external resources, so it opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Section", "Group", "aggregate", "verdicts", "make_figures", "render_markdown", "render_html",
+           "write_report", "load_results"]
+
+# classes per dataset, for the chance level (imagefolder: unknown, no chance line)
+_NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+_FAMILY_COLORS = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green", "plain_dirac": "tab:orange",
+                  "preact_resnet": "tab:purple", "plain_delta": "tab:brown"}
+_SPARE_COLORS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+# verdict wording: a family "degrades" with depth when its deepest net is this much below its shallowest
+# (in accuracy units), "dips slightly" for a smaller drop beyond noise (2 points or 2 std over seeds)
+_BIG_DROP = 0.10
+
+
+@dataclass
+class Section:
+    """An extra report section (the optional diagnostics hook returns one).
+
+    ``paragraphs`` are plain text (escaped in HTML); ``figures`` are (caption, PNG bytes) pairs.
+    """
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """All seeds of one (family, depth): accuracy mean and sample std, mean cost figures."""
+
+    family: str
+    depth: int
+    model: str
+    model_kwargs: dict
+    n: int  # finished seeds
+    n_diverged: int
+    acc: float | None  # mean test accuracy in [0, 1] over non-diverged seeds
+    acc_std: float
+    params: int | None
+    img_s: float | None
+    wall_s: float | None
+    curves: list[list[list[float]]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}{self.depth}"
+
+
+def load_results(study_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(study_dir) / "results.json").read_text())
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def aggregate(results: dict[str, Any]) -> list[Group]:
+    """One :class:`Group` per (family, depth), in the study's family order then depth."""
+    fam_order = {f: i for i, f in enumerate(results["study"].get("families", []))}
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in results["runs"]:
+        by.setdefault((r["family"], r["depth"]), []).append(r)
+    groups = []
+    for (fam, depth), rs in by.items():
+        ok = [r for r in rs if r["status"] == "complete"]
+        accs = [r["test_acc"] for r in ok]
+        groups.append(Group(fam, depth, rs[0]["model"], rs[0].get("model_kwargs") or {}, len(rs), len(rs) - len(ok),
+                            _mean(accs), _std(accs), ok[0]["params"] if ok else None,
+                            _mean([r["train_img_per_s"] for r in ok]), _mean([r["wall_s"] for r in ok]),
+                            [r["curve"] for r in ok if r.get("curve")]))
+    groups.sort(key=lambda g: (fam_order.get(g.family, len(fam_order)), g.family, g.depth))
+    return groups
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f}%"
+
+
+def _acc_cell(g: Group) -> str:
+    if g.acc is None:
+        return "diverged"
+    ok = g.n - g.n_diverged
+    s = f"{g.acc * 100:.1f} ± {g.acc_std * 100:.1f}%" if ok > 1 else f"{g.acc * 100:.1f}%"
+    if g.n_diverged:
+        s += f" ({g.n_diverged} of {g.n} diverged)"
+    return s
+
+
+def _by_family(groups: list[Group]) -> dict[str, list[Group]]:
+    out: dict[str, list[Group]] = {}
+    for g in groups:
+        out.setdefault(g.family, []).append(g)
+    return out
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """Plain-language findings computed from the data (nothing here is a fixed claim)."""
+    groups = aggregate(results)
+    fams = _by_family(groups)
+    study = results["study"]
+    n_seeds = len(study.get("seeds", [0]))
+    of_seeds = f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""
+    lines: list[str] = []
+    # 1. does each family hold up with depth?
+    for fam, gs in fams.items():
+        gs = [g for g in gs if g.acc is not None]
+        if len(gs) < 2:
+            continue
+        first, last = gs[0], gs[-1]
+        chain = " → ".join(f"{g.acc * 100:.1f}% at depth {g.depth}" for g in gs)
+        tol = max(0.02, 2 * max(first.acc_std, last.acc_std))
+        change = last.acc - first.acc
+        if change < -max(tol, _BIG_DROP):
+            what = f"degrades with depth, losing {-change * 100:.1f} points"
+        elif change < -tol:
+            what = f"dips slightly with depth, losing {-change * 100:.1f} points"
+        elif change > tol:
+            what = f"improves with depth, gaining {change * 100:.1f} points"
+        else:
+            what = f"holds up with depth (within {tol * 100:.0f} points)"
+        lines.append(f"{fam} {what}: {chain}{of_seeds}.")
+    # 2. head to head at the deepest depth each family shares with the reference family
+    ref = "plain" if "plain" in fams else next(iter(fams))
+    ref_by_depth = {g.depth: g for g in fams.get(ref, [])}
+    for fam, gs in fams.items():
+        if fam == ref:
+            continue
+        shared = [g for g in gs if g.depth in ref_by_depth]
+        if not shared:
+            continue
+        g = shared[-1]
+        r = ref_by_depth[g.depth]
+        lines.append(f"{r.label} reached {_acc_words(r)} where {g.label} reached {_acc_words(g)}{of_seeds}.")
+    # 3. runs that did not learn at all
+    k = _NUM_CLASSES.get(study.get("data", ""))
+    if k:
+        chance = 1 / k
+        dead = [g for g in groups if g.acc is not None and g.acc < chance + 0.05]
+        for g in dead:
+            lines.append(f"{g.label} stayed near chance level ({chance * 100:.0f}% for {k} classes): "
+                         f"it did not learn within this budget.")
+    for g in groups:
+        if g.n_diverged:
+            lines.append(f"{g.label}: {g.n_diverged} of {g.n} runs diverged (the loss became NaN or infinite).")
+    # 4. cost at the deepest depth every family shares with resnet (or the reference)
+    base = "resnet" if "resnet" in fams else ref
+    base_by_depth = {g.depth: g for g in fams.get(base, [])}
+    for fam, gs in fams.items():
+        if fam == base:
+            continue
+        shared = [g for g in gs if g.depth in base_by_depth and g.img_s and base_by_depth[g.depth].img_s]
+        if not shared:
+            continue
+        g = shared[-1]
+        b = base_by_depth[g.depth]
+        words = f"At depth {g.depth}, {g.label} trains at {g.img_s / b.img_s:.2f}x the images/s of {b.label}"
+        if g.params and b.params and abs(g.params / b.params - 1) > 0.01:
+            words += f" with {g.params / b.params:.2f}x its parameters"
+        lines.append(words + ".")
+    return lines
+
+
+def _acc_words(g: Group) -> str:
+    return "no result (diverged)" if g.acc is None else f"{g.acc * 100:.1f}%"
+
+
+# -------------------------------------------------------------------------------------------------
+# tables (rows of strings, rendered to Markdown or HTML)
+# -------------------------------------------------------------------------------------------------
+
+def _fmt_params(p: int | None) -> str:
+    return "—" if p is None else (f"{p / 1e6:.2f}M" if p >= 1e6 else f"{p / 1e3:.0f}k")
+
+
+def _kw_words(kw: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(kw.items())) or "—"
+
+
+def accuracy_table(groups: list[Group], families: list[str]) -> list[list[str]]:
+    """Depth rows x family columns of test accuracy (mean ± std over seeds)."""
+    fams = [f for f in families if any(g.family == f for g in groups)]
+    cell = {(g.family, g.depth): _acc_cell(g) for g in groups}
+    depths = sorted({g.depth for g in groups})
+    return [["depth"] + fams] + [[str(d)] + [cell.get((f, d), "—") for f in fams] for d in depths]
+
+
+def runs_table(groups: list[Group]) -> list[list[str]]:
+    rows = [["run", "model", "options", "seeds", "params", "test acc", "train img/s", "wall s"]]
+    for g in groups:
+        rows.append([g.label, g.model, _kw_words(g.model_kwargs), str(g.n), _fmt_params(g.params), _acc_cell(g),
+                     "—" if g.img_s is None else f"{g.img_s:.0f}", "—" if g.wall_s is None else f"{g.wall_s:.1f}"])
+    return rows
+
+
+def throughput_table(groups: list[Group], families: list[str]) -> list[list[str]]:
+    """Depth rows x family columns of training images/s, with the ratio to resnet where it ran."""
+    fams = [f for f in families if any(g.family == f for g in groups)]
+    base = "resnet" if "resnet" in fams else None
+    by = {(g.family, g.depth): g for g in groups}
+    rows = [["depth"] + [f"{f} img/s" for f in fams]]
+    for d in sorted({g.depth for g in groups}):
+        row = [str(d)]
+        for f in fams:
+            g = by.get((f, d))
+            if g is None or g.img_s is None:
+                row.append("—")
+                continue
+            b = by.get((base, d)) if base else None
+            ratio = f" ({g.img_s / b.img_s:.2f}x)" if b is not None and b.img_s and f != base else ""
+            row.append(f"{g.img_s:.0f}{ratio}")
+        rows.append(row)
+    return rows
+
+
+def recipe_table(study: dict[str, Any]) -> list[list[str]]:
+    t = study.get("train", {})
+    keys = ("data", "steps", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+            "schedule", "warmup", "label_smoothing", "augment", "train_subset", "test_subset", "checkpoint_every",
+            "device", "threads", "amp")
+    rows = [["setting", "value"]]
+    for k in keys:
+        if k in t and t[k] is not None:
+            rows.append([k, str(t[k])])
+    if study.get("model_kwargs"):
+        rows.append(["model options", _kw_words(study["model_kwargs"])])
+    return rows
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    out = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in esc[0]) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(out)
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# -------------------------------------------------------------------------------------------------
+# figures (matplotlib, Agg canvas: no display, no global backend switch)
+# -------------------------------------------------------------------------------------------------
+
+def _colors(families: list[str]) -> dict[str, str]:
+    spare = iter(_SPARE_COLORS * 4)
+    return {f: _FAMILY_COLORS.get(f) or next(spare) for f in families}
+
+
+def _new_figure(w: float = 6.4, h: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _depth_axis(ax, depths: list[int]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(depths)
+    ax.set_xticklabels([str(d) for d in depths])
+    ax.minorticks_off()
+    ax.set_xlabel("depth (layers)")
+
+
+def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    """``{file stem: (caption, PNG bytes)}`` for the report's plots."""
+    groups = aggregate(results)
+    study = results["study"]
+    families = [f for f in study.get("families", []) if any(g.family == f for g in groups)]
+    families += sorted({g.family for g in groups} - set(families))
+    colors = _colors(families)
+    fams = _by_family(groups)
+    depths = sorted({g.depth for g in groups})
+    k = _NUM_CLASSES.get(study.get("data", ""))
+    n_seeds = len(study.get("seeds", [0]))
+    bars = "mean ± std over seeds" if n_seeds > 1 else "one seed"
+    figs: dict[str, tuple[str, bytes]] = {}
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for f in families:
+        gs = [g for g in fams[f] if g.acc is not None]
+        if gs:
+            ax.errorbar([g.depth for g in gs], [g.acc * 100 for g in gs], yerr=[g.acc_std * 100 for g in gs],
+                        marker="o", capsize=4, color=colors[f], label=f)
+    if k:
+        ax.axhline(100 / k, color="0.5", ls=":", lw=1, label=f"chance ({100 / k:.0f}%)")
+    _depth_axis(ax, depths)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Test accuracy vs depth")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figs["accuracy_vs_depth"] = (f"Test accuracy against depth per family ({bars}).", _png(fig))
+
+    cols = min(len(depths), 3)
+    rows = math.ceil(len(depths) / cols)
+    fig = _new_figure(4.2 * cols, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    cap = 1.5 * math.log(k) if k else None
+    for i, d in enumerate(depths):
+        ax = axes[i // cols][i % cols]
+        for f in families:
+            for g in fams[f]:
+                if g.depth != d:
+                    continue
+                for j, c in enumerate(g.curves):
+                    ax.plot([p[0] for p in c], [p[1] for p in c], color=colors[f], alpha=0.9 if len(g.curves) == 1 else 0.5,
+                            lw=1.2, label=f if j == 0 else None)
+        ax.set_title(f"depth {d}")
+        ax.set_xlabel("step")
+        if cap:
+            ax.set_ylim(0, cap)
+        ax.grid(alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("training loss")
+        if i == 0:
+            ax.legend()
+    for i in range(len(depths), rows * cols):
+        axes[i // cols][i % cols].set_visible(False)
+    figs["loss_curves"] = ("Training loss (cross-entropy of the batch at each logged step) per depth"
+                           + ("; each seed is a line." if n_seeds > 1 else "."), _png(fig))
+
+    for stem, attr, xlabel, title, log in (
+            ("accuracy_vs_params", "params", "parameters", "Test accuracy vs parameters", True),
+            ("accuracy_vs_wall", "wall_s", "wall time per run (s)", "Test accuracy vs wall time", False)):
+        fig = _new_figure()
+        ax = fig.add_subplot()
+        for f in families:
+            gs = [g for g in fams[f] if g.acc is not None and getattr(g, attr)]
+            if not gs:
+                continue
+            ax.errorbar([getattr(g, attr) for g in gs], [g.acc * 100 for g in gs],
+                        yerr=[g.acc_std * 100 for g in gs], marker="o", ls="-", capsize=3, color=colors[f], label=f)
+            for g in gs:
+                ax.annotate(str(g.depth), (getattr(g, attr), g.acc * 100), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8, color=colors[f])
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        what = "parameter count" if attr == "params" else "wall-clock time of the run (training, evaluation, checkpoints)"
+        figs[stem] = (f"Test accuracy against {what}; labels are depths.", _png(fig))
+    return figs
+
+
+# -------------------------------------------------------------------------------------------------
+# documents
+# -------------------------------------------------------------------------------------------------
+
+def _setup_sentences(results: dict[str, Any]) -> list[str]:
+    study = results["study"]
+    t = study.get("train", {})
+    runs = results["runs"]
+    done = [r for r in runs if r["status"] == "complete"]
+    out = [f"Preset {study.get('preset')}: {study.get('description', '')}"]
+    if study.get("overrides"):
+        out.append("Changed from the preset: " + ", ".join(
+            f"{k} {','.join(map(str, v)) if isinstance(v, list) else _kw_words(v) if isinstance(v, dict) else v}"
+            for k, v in study["overrides"].items()) + ".")
+    if t.get("steps"):
+        ep = f" ({done[0]['epochs']:.2f} epoch)" if done and done[0].get("epochs") else ""
+        budget = f"{t['steps']} steps of {t.get('batch_size')} images{ep}"
+    else:
+        budget = f"{t.get('epochs')} epochs of batch {t.get('batch_size')}"
+    test = (f"test accuracy is measured on the first {t['test_subset']:,} test images (a subset, to save time)"
+            if t.get("test_subset") else "test accuracy is measured on the whole test split")
+    out.append(f"Every run trains {budget} on {study.get('data')} with {t.get('optimizer')} "
+               f"(lr {t.get('lr')}, {t.get('schedule')} schedule); {test}.")
+    devs = sorted({f"{r['device']}, {r['threads']} threads" for r in done if r.get("device")})
+    if devs:
+        out.append(f"Measured on {'; '.join(devs)} ({study.get('cpu_count')} CPUs visible), torch "
+                   f"{study.get('torch', '?')}. Images/s count training time only; on a shared machine they "
+                   f"are indicative, compare them as ratios.")
+    if not study.get("complete", True):
+        out.append(f"This study is not finished: {study.get('runs_finished')} of {study.get('runs_planned')} runs "
+                   f"are in. Re-run the same command to continue it.")
+    return [s for s in out if s]
+
+
+def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes]] | None = None,
+                    sections: list[Section] = (), plot_dir: str = "plots") -> str:
+    """The Markdown report; figures are referenced as ``plot_dir/<stem>.png`` (written by write_report)."""
+    study = results["study"]
+    groups = aggregate(results)
+    fams = study.get("families", [])
+    figures = figures or {}
+    md = [f"# Depth study: {study.get('preset', '')}", ""]
+    md += [" ".join(_setup_sentences(results)), ""]
+    md += ["## Verdict", ""] + [f"- {v}" for v in verdicts(results)] + [""]
+    md += ["## Test accuracy", "", _md_table(accuracy_table(groups, fams)), ""]
+
+    def fig(stem: str) -> list[str]:
+        if stem not in figures:
+            return []
+        cap = figures[stem][0]
+        return [f"![{cap}]({plot_dir}/{stem}.png)", "", f"*{cap}*", ""]
+
+    md += fig("accuracy_vs_depth")
+    md += ["## Training loss", ""] + fig("loss_curves")
+    md += ["## Accuracy against cost", ""] + fig("accuracy_vs_params") + fig("accuracy_vs_wall")
+    md += ["## Throughput", "", _md_table(throughput_table(groups, fams)), "",
+           "Training images per second (training time only); in brackets the ratio to resnet at the same depth.", ""]
+    md += ["## All runs", "", _md_table(runs_table(groups)), ""]
+    if study.get("skipped"):
+        md += ["## Left out", ""] + [f"- {s}" for s in study["skipped"]] + [""]
+    for s in sections:
+        md += [f"## {s.title}", ""]
+        for p in s.paragraphs:
+            md += [p, ""]
+        for i, (cap, _) in enumerate(s.figures):
+            md += [f"![{cap}]({plot_dir}/{_slug(s.title)}_{i}.png)", "", f"*{cap}*", ""]
+    md += ["## Setup", "", _md_table(recipe_table(study)), "",
+           "Families: " + "; ".join(f"**{f}**: {d}" for f, d in study.get("family_descriptions", {}).items()), "",
+           "Files: `results.json` (every run, with its loss curve), `results.csv`, `runs/<run>/` (the engine's run "
+           "directories: metrics.jsonl, summary.json, checkpoints).", ""]
+    return "\n".join(md)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
+ul.verdict li{margin:.3em 0}.note{color:#555;font-size:.92em}code{background:#f5f5f5;padding:0 .2em}
+"""
+
+
+def render_html(results: dict[str, Any], figures: dict[str, tuple[str, bytes]],
+                sections: list[Section] = ()) -> str:
+    """A self-contained HTML page: figures embedded as ``data:image/png;base64``, no scripts."""
+    study = results["study"]
+    groups = aggregate(results)
+    fams = study.get("families", [])
+    e = html.escape
+
+    def fig(stem: str) -> str:
+        if stem not in figures:
+            return ""
+        return _html_figure(*figures[stem])
+
+    parts = [f"<h1>Depth study: {e(study.get('preset', ''))}</h1>",
+             "".join(f"<p>{e(s)}</p>" for s in _setup_sentences(results)),
+             "<h2>Verdict</h2><ul class=\"verdict\">" + "".join(f"<li>{e(v)}</li>" for v in verdicts(results)) + "</ul>",
+             "<h2>Test accuracy</h2>" + _html_table(accuracy_table(groups, fams)) + fig("accuracy_vs_depth"),
+             "<h2>Training loss</h2>" + fig("loss_curves"),
+             "<h2>Accuracy against cost</h2>" + fig("accuracy_vs_params") + fig("accuracy_vs_wall"),
+             "<h2>Throughput</h2>" + _html_table(throughput_table(groups, fams))
+             + "<p class=\"note\">Training images per second (training time only); in brackets the ratio to resnet "
+               "at the same depth.</p>",
+             "<h2>All runs</h2>" + _html_table(runs_table(groups))]
+    if study.get("skipped"):
+        parts.append("<h2>Left out</h2><ul>" + "".join(f"<li>{e(s)}</li>" for s in study["skipped"]) + "</ul>")
+    for s in sections:
+        parts.append(f"<h2>{e(s.title)}</h2>" + "".join(f"<p>{e(p)}</p>" for p in s.paragraphs)
+                     + "".join(_html_figure(cap, png) for cap, png in s.figures))
+    fam_desc = "".join(f"<li><b>{e(f)}</b>: {e(d)}</li>" for f, d in study.get("family_descriptions", {}).items())
+    parts.append("<h2>Setup</h2>" + _html_table(recipe_table(study)) + f"<ul>{fam_desc}</ul>"
+                 "<p class=\"note\">Files next to this page: <code>results.json</code> (every run, with its loss "
+                 "curve), <code>results.csv</code>, <code>report.md</code>, <code>runs/&lt;run&gt;/</code>.</p>")
+    title = e(f"pnnh depth study: {study.get('preset', '')}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{title}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _html_figure(caption: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f"<figure><img alt=\"{html.escape(caption, quote=True)}\" src=\"data:image/png;base64,{data}\">"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_") or "section"
+
+
+def write_report(out: str | Path, results: dict[str, Any], sections: list[Section] = ()) -> dict[str, Path]:
+    """Write ``plots/*.png``, ``report.md`` and ``report.html`` into ``out``; return their paths."""
+    from ..train.checkpoint import atomic_write_text
+
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(results) if results["runs"] else {}
+    for stem, (_, png) in figures.items():
+        (plots / f"{stem}.png").write_bytes(png)
+    for s in sections:
+        for i, (_, png) in enumerate(s.figures):
+            (plots / f"{_slug(s.title)}_{i}.png").write_bytes(png)
+    atomic_write_text(out / "report.md", render_markdown(results, figures, sections))
+    atomic_write_text(out / "report.html", render_html(results, figures, sections))
+    return {"md": out / "report.md", "html": out / "report.html", "plots": plots}
