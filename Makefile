@@ -7,7 +7,7 @@ setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
 study: setup
-	$(BIN)/pnnh compare --models plain20,resnet20,plain56,resnet56 --steps 150 --out runs/compare
+	$(BIN)/pnnh study --preset quick --out runs/study-quick
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
@@ -83,7 +84,8 @@ def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, tr
                        seeds=seeds, data=data, data_dir=data_dir, device=device, threads=threads,
                        train={"steps": steps, "epochs": epochs, "train_subset": train_subset,
                               "test_subset": test_subset},
-                       model_kwargs=_parse_kv(model_kwarg, "--model-kwarg"), progress=progress)
+                       model_kwargs=_parse_kv(model_kwarg, "--model-kwarg"), progress=progress,
+                       command="pnnh " + shlex.join(sys.argv[1:]))
     try:
         run_study(study, log=lambda line: click.echo(line))
     except KeyboardInterrupt:

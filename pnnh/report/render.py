@@ -370,8 +370,15 @@ def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
             for g in gs:
                 ax.annotate(str(g.depth), (getattr(g, attr), g.acc * 100), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=colors[f])
-        if log:
+        if log:  # ticks at the models' own parameter counts, labelled 270k / 0.85M
             ax.set_xscale("log")
+            ticks: list[int] = []
+            for p in sorted({g.params for g in groups if g.params}):
+                if not ticks or p > ticks[-1] * 1.25:
+                    ticks.append(p)
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([_fmt_params(t) for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 100)
@@ -406,7 +413,8 @@ def _setup_sentences(results: dict[str, Any]) -> list[str]:
             if t.get("test_subset") else "test accuracy is measured on the whole test split")
     out.append(f"Every run trains {budget} on {study.get('data')} with {t.get('optimizer')} "
                f"(lr {t.get('lr')}, {t.get('schedule')} schedule); {test}.")
-    devs = sorted({f"{r['device']}, {r['threads']} threads" for r in done if r.get("device")})
+    devs = sorted({f"{r['device']}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}" for r in done
+                   if r.get("device")})
     if devs:
         out.append(f"Measured on {'; '.join(devs)} ({study.get('cpu_count')} CPUs visible), torch "
                    f"{study.get('torch', '?')}. Images/s count training time only; on a shared machine they "
@@ -426,6 +434,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes
     figures = figures or {}
     md = [f"# Depth study: {study.get('preset', '')}", ""]
     md += [" ".join(_setup_sentences(results)), ""]
+    if study.get("command"):
+        md += [f"Command: `{study['command']}`", ""]
     md += ["## Verdict", ""] + [f"- {v}" for v in verdicts(results)] + [""]
     md += ["## Test accuracy", "", _md_table(accuracy_table(groups, fams)), ""]
 
@@ -482,6 +492,7 @@ def render_html(results: dict[str, Any], figures: dict[str, tuple[str, bytes]],
 
     parts = [f"<h1>Depth study: {e(study.get('preset', ''))}</h1>",
              "".join(f"<p>{e(s)}</p>" for s in _setup_sentences(results)),
+             f"<p>Command: <code>{e(study['command'])}</code></p>" if study.get("command") else "",
              "<h2>Verdict</h2><ul class=\"verdict\">" + "".join(f"<li>{e(v)}</li>" for v in verdicts(results)) + "</ul>",
              "<h2>Test accuracy</h2>" + _html_table(accuracy_table(groups, fams)) + fig("accuracy_vs_depth"),
              "<h2>Training loss</h2>" + fig("loss_curves"),

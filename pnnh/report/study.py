@@ -53,17 +53,26 @@ DIAGNOSTICS_HOOK = ("pnnh.analysis", "study_section")
 class Family:
     """A line in the study's plots: a registered-model name pattern plus model options.
 
-    ``pattern.format(depth=d)`` names the model of depth ``d``; ``model_kwargs`` are passed to it
-    (on top of the study's own, such as ``width``).
+    ``pattern.format(depth=d)`` names the model of depth ``d`` (without a pattern: the registered
+    model of family ``name`` and depth ``d``, CIFAR layout first); ``model_kwargs`` are passed to it
+    on top of the study's own, such as ``width``.
     """
 
     name: str
-    pattern: str
+    pattern: str | None
     model_kwargs: dict = field(default_factory=dict)
     description: str = ""
 
-    def model_name(self, depth: int) -> str:
-        return self.pattern.format(depth=depth)
+    def model_name(self, depth: int) -> str | None:
+        """The registered model of this family at ``depth``, or ``None`` if there is none."""
+        from .. import models
+
+        if self.pattern is not None:
+            name = self.pattern.format(depth=depth)
+            return name if models.is_model(name) else None
+        found = [n for n in models.list_models(family=self.name) if models.model_info(n).depth == depth]
+        found.sort(key=lambda n: models.model_info(n).layout != "cifar")
+        return found[0] if found else None
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -162,12 +171,14 @@ class Study:
     runs: list[StudyRun]
     skipped: list[str]  # one sentence per (family, depth) left out
     overrides: dict = field(default_factory=dict)  # what differs from the preset
+    command: str | None = None  # the command line that asked for it, for the report
 
     def describe(self) -> dict[str, Any]:
         return {"preset": self.preset, "description": self.description, "data": self.data,
                 "families": self.families, "family_descriptions": {f: _family(f).description for f in self.families},
                 "depths": self.depths, "seeds": self.seeds, "train": self.train, "model_kwargs": self.model_kwargs,
-                "runs_planned": len(self.runs), "skipped": self.skipped, "overrides": self.overrides}
+                "runs_planned": len(self.runs), "skipped": self.skipped, "overrides": self.overrides,
+                "command": self.command}
 
 
 def _family(name: str) -> Family:
@@ -177,8 +188,8 @@ def _family(name: str) -> Family:
     if name in FAMILIES:
         return FAMILIES[name]
     registered = {models.model_info(n).family for n in models.list_models()}
-    if name in registered:  # e.g. a family added later: models are named <family><depth> by convention
-        return Family(name, name + "{depth}", {}, f"registered model family {name!r}")
+    if name in registered:  # a family without an entry here: find its models by (family, depth)
+        return Family(name, None, {}, f"registered model family {name!r}")
     import difflib
 
     known = sorted(set(FAMILIES) | registered)
@@ -190,14 +201,14 @@ def _family(name: str) -> Family:
 def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: list[str] | None = None,
                depths: list[int] | None = None, seeds: int | None = None, data: str | None = None,
                data_dir: str | None = None, device: str | None = None, threads: int | None = None,
-               train: dict | None = None, model_kwargs: dict | None = None, progress: bool = False) -> Study:
+               train: dict | None = None, model_kwargs: dict | None = None, progress: bool = False,
+               command: str | None = None) -> Study:
     """Resolve a preset plus overrides into the list of runs (nothing is trained).
 
     ``train`` overrides TrainConfig fields of the preset's recipe (``{"steps": 10}``; giving one of
     ``steps``/``epochs`` replaces the other). Families whose model does not exist at a depth are
     left out with a sentence in ``Study.skipped``; a family unknown altogether is an error.
     """
-    from .. import models
     from ..train import TrainConfig
 
     if isinstance(preset, str):
@@ -228,8 +239,8 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
         missing = []
         for d in dps:
             name = fam.model_name(d)
-            if not models.is_model(name):
-                missing.append((d, name))
+            if name is None:
+                missing.append((d, fam.pattern.format(depth=d) if fam.pattern else f"{fam.name} of depth {d}"))
                 continue
             kwargs = {**mk, **fam.model_kwargs}
             for seed in range(n_seeds):
@@ -241,14 +252,13 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
         if missing:
             names = ", ".join(n for _, n in missing)
             if len(missing) == len(dps):
-                skipped.append(f"family {fam.name} left out: no registered model {names} "
-                               f"(pattern {fam.pattern!r}; see `pnnh models`)")
+                skipped.append(f"family {fam.name} left out: no registered model {names} (see `pnnh models`)")
             else:
                 skipped.append(f"family {fam.name} left out at depth {', '.join(str(d) for d, _ in missing)}: "
                                f"no registered model {names}")
     if not runs:
         raise ConfigError("nothing to run: " + "; ".join(skipped))
-    # order: by depth, then family, then seed, so the first minutes already show every family
+    # order: by depth, then seed, then family, so the first minutes already compare every family
     order = {f.name: i for i, f in enumerate(fam_objs)}
     runs.sort(key=lambda r: (r.depth, r.seed, order[r.family]))
     shared = {k: v for k, v in asdict(runs[0].cfg).items()
@@ -260,7 +270,7 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
         if v != p:
             overrides[k] = v
     return Study(out, preset.name, preset.description, runs[0].cfg.data, [f.name for f in fam_objs], dps,
-                 list(range(n_seeds)), shared, mk, runs, skipped, overrides)
+                 list(range(n_seeds)), shared, mk, runs, skipped, overrides, command)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -388,8 +398,9 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
             log(f"{tag}: finished earlier, kept ({_result_words(prev)})")
             continue
         partial = (Path(run.cfg.out) / "checkpoint.safetensors").exists()
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(run.model_kwargs.items()))
         log(f"{tag}: {'resuming from its checkpoint' if partial else 'training'} {run.model}"
-            + (f" {run.model_kwargs}" if run.model_kwargs else "") + " ...")
+            + (f" ({opts})" if opts else "") + " ...")
         t0 = time.time()
         on_step = None if (run.cfg.progress or step_log_every_s is None) else _step_reporter(run, log, step_log_every_s)
         try:

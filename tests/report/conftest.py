@@ -13,6 +13,12 @@ TINY = dict(families=["plain", "resnet"], depths=[8], seeds=1, threads=1,
 
 
 @pytest.fixture(scope="session")
+def tiny_spec() -> dict:
+    """The plan_study keyword arguments of the tiny study (besides preset and out)."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """(study directory, results dict, the progress lines it logged)."""
     out = tmp_path_factory.mktemp("study")

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from chromium import INSTALL_HINT, Chromium, find_chromium
+from headless_chromium import INSTALL_HINT, Chromium, find_chromium
 
 
 @pytest.mark.browser

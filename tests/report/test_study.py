@@ -18,8 +18,6 @@ import pnnh
 from pnnh.errors import ConfigError
 from pnnh.report.study import FAMILIES, PRESETS, check_study_dir, plan_study, run_study
 
-from conftest import TINY
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -61,23 +59,23 @@ def test_tiny_study_writes_every_output_with_its_runs(tiny_study):
     assert lines[-1].startswith("report: ")
 
 
-def test_rerun_keeps_finished_runs_untouched(tiny_study):
+def test_rerun_keeps_finished_runs_untouched(tiny_study, tiny_spec):
     out, results, _ = tiny_study
     summaries = sorted(out.glob("runs/*/summary.json"))
     before = {p: p.stat().st_mtime_ns for p in summaries}
     lines: list[str] = []
-    again = run_study(plan_study("quick", out=out, **TINY), log=lines.append, render=False)
+    again = run_study(plan_study("quick", out=out, **tiny_spec), log=lines.append, render=False)
     assert {p: p.stat().st_mtime_ns for p in summaries} == before
     assert sum("finished earlier, kept" in l for l in lines) == 2
     assert again["runs"] == results["runs"]
 
 
-def test_a_changed_recipe_is_refused_before_training(tiny_study):
+def test_a_changed_recipe_is_refused_before_training(tiny_study, tiny_spec):
     out, _, _ = tiny_study
-    changed = plan_study("quick", out=out, **{**TINY, "train": {**TINY["train"], "steps": 13}})
+    changed = plan_study("quick", out=out, **{**tiny_spec, "train": {**tiny_spec["train"], "steps": 13}})
     with pytest.raises(ConfigError, match=r"different settings.*steps: on disk 12, now 13"):
         check_study_dir(changed)
-    changed = plan_study("quick", out=out, **{**TINY, "train": {**TINY["train"], "test_subset": 512}})
+    changed = plan_study("quick", out=out, **{**tiny_spec, "train": {**tiny_spec["train"], "test_subset": 512}})
     with pytest.raises(ConfigError, match="test_subset"):
         check_study_dir(changed)
 
@@ -169,4 +167,25 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, fmnist_dir
     assert all(r["status"] == "complete" and r["steps"] == 40 for r in results["runs"])
     lines = [json.loads(l) for l in (second / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [16, 32, 40]  # resumed, not restarted: no epoch twice
-    assert (out / "report.html").exists() and (out / "report.md").exists()
+    assert (out / "report.html").exists()
+    assert f"Command: `pnnh {' '.join(cmd[3:])}`" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_plans_valid_runs(tmp_path, name):
+    study = plan_study(name, out=tmp_path, families=["plain", "resnet"])
+    p = PRESETS[name]
+    assert len(study.runs) == 2 * len(p.depths) * p.seeds and not study.skipped
+    assert {r.cfg.data for r in study.runs} == {p.data} and all(r.cfg.resume for r in study.runs)
+    if name == "paper":
+        cfg = study.runs[0].cfg
+        assert cfg.epochs >= 160 and cfg.augment and cfg.weight_decay == 1e-4 and cfg.momentum == 0.9
+        assert study.describe()["depths"] == [20, 32, 44, 56, 110]
+
+
+def test_a_family_without_a_pattern_is_found_in_the_registry():
+    from pnnh.report.study import Family, _family
+
+    fam = Family("resnet", None)
+    assert fam.model_name(20) == "resnet20" and fam.model_name(18) == "resnet18" and fam.model_name(14) is None
+    assert _family("resnet") is FAMILIES["resnet"]
