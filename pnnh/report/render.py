@@ -58,7 +58,7 @@ class Group:
     params: int | None
     img_s: float | None
     wall_s: float | None
-    curves: list[list[list[float]]]
+    curves: list[list[list[float]]]  # training-loss curves ([step, loss] pairs), one per finished seed
 
     @property
     def label(self) -> str:
@@ -93,7 +93,7 @@ def aggregate(results: dict[str, Any]) -> list[Group]:
         groups.append(Group(fam, depth, rs[0]["model"], rs[0].get("model_kwargs") or {}, len(rs), len(rs) - len(ok),
                             _mean(accs), _std(accs), ok[0]["params"] if ok else None,
                             _mean([r["train_img_per_s"] for r in ok]), _mean([r["wall_s"] for r in ok]),
-                            [r["curve"] for r in ok if r.get("curve")]))
+                            [r["curves"]["train_loss"] for r in ok if (r.get("curves") or {}).get("train_loss")]))
     groups.sort(key=lambda g: (fam_order.get(g.family, len(fam_order)), g.family, g.depth))
     return groups
 
@@ -259,9 +259,15 @@ def _md_table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+_NUMERIC = re.compile(r"^[-+]?\d[\d.,]*(%|k|M)?( |$)|^—$")
+
+
 def _html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    def td(c: str) -> str:  # numbers right-aligned, words left
+        return f"<td class=\"n\">{html.escape(c)}</td>" if _NUMERIC.match(c) else f"<td>{html.escape(c)}</td>"
+
+    body = "".join("<tr>" + "".join(td(c) for c in r) + "</tr>" for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -471,9 +477,9 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:
 color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+text-align:left}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
-ul.verdict li{margin:.3em 0}.note{color:#555;font-size:.92em}code{background:#f5f5f5;padding:0 .2em}
+ul.verdict{background:#f6f8fa;border-left:4px solid #4a7;padding:.6em 1em .6em 2em}ul.verdict li{margin:.3em 0}.note{color:#555;font-size:.92em}code{background:#f5f5f5;padding:0 .2em}
 """
 
 

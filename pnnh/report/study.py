@@ -5,7 +5,7 @@ A study is a directory::
     DIR/study.json          what was asked for (preset, families, depths, seeds, training recipe)
     DIR/runs/<run id>/      one engine run directory per run, e.g. runs/plain56-s0 (see pnnh.train)
     DIR/results.json        one record per finished run (family, model, depth, seed, params, test_acc,
-                            train_img_per_s, wall_s, curve, ...), plus the study description
+                            train_img_per_s, wall_s, curves, ...), plus the study description
     DIR/results.csv         the same records without the curves
     DIR/report.md, DIR/plots/*.png, DIR/report.html (self-contained: the plots are embedded)
 
@@ -453,7 +453,7 @@ def _diagnostics_sections(results: dict[str, Any], out: Path, log: Callable[[str
 
 RECORD_KEYS = ("family", "model", "depth", "seed", "status", "params", "test_acc", "test_loss", "test_images",
                "train_img_per_s", "train_seconds", "wall_s", "steps", "epochs", "batch_size", "device", "threads",
-               "model_kwargs", "run_dir", "curve")
+               "model_kwargs", "run_dir", "curves")
 
 
 def collect_results(study: Study) -> dict[str, Any]:
@@ -471,8 +471,8 @@ def collect_results(study: Study) -> dict[str, Any]:
                "status": s.get("status"), "model_kwargs": run.model_kwargs, "run_dir": f"runs/{run.run_id}"}
         if s.get("status") == "complete":
             rec.update({k: s.get(k) for k in ("params", "test_acc", "test_loss", "train_img_per_s", "train_seconds",
-                                              "wall_s", "steps", "epochs", "batch_size", "device", "threads",
-                                              "curve")})
+                                              "wall_s", "steps", "epochs", "batch_size", "device", "threads")})
+            rec["curves"] = _curves(s, Path(run.cfg.out) / "metrics.jsonl")
             rec["test_images"] = run.cfg.test_subset or None  # None: the whole test split
         else:
             rec["error"] = s.get("error")
@@ -488,6 +488,18 @@ def collect_results(study: Study) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return json.loads(json.dumps({"study": meta, "runs": records}))  # plain JSON types, as in results.json
+
+
+def _curves(summary: dict[str, Any], metrics: Path) -> dict[str, list[list[float]]]:
+    """Training loss per logged step (the engine's curve) and per-epoch metrics, as [step, value] pairs."""
+    out: dict[str, list[list[float]]] = {"train_loss": summary.get("curve") or []}
+    try:
+        lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    except (OSError, json.JSONDecodeError):
+        lines = []
+    for key in ("train_acc", "test_acc", "test_loss"):
+        out[key] = [[ln["step"], ln[key]] for ln in lines if ln.get(key) is not None]
+    return out
 
 
 def _cpu_count() -> int | None:

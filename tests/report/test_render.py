@@ -17,7 +17,8 @@ def _run(family, depth, seed, acc, img_s=300.0, params=853018, status="complete"
          "seed": seed, "status": status, "params": params, "test_acc": acc, "test_loss": 1.0, "test_images": 2000,
          "train_img_per_s": img_s, "train_seconds": 10.0, "wall_s": 12.0 + depth, "steps": 100, "epochs": 0.21,
          "batch_size": 128, "device": "cpu", "threads": 2, "model_kwargs": {}, "run_dir": f"runs/{family}{depth}-s{seed}",
-         "curve": [[5, 2.3], [50, 1.2 if acc > 0.3 else 2.3], [100, 0.8 if acc > 0.3 else 2.3]]}
+         "curves": {"train_loss": [[5, 2.3], [50, 1.2 if acc > 0.3 else 2.3], [100, 0.8 if acc > 0.3 else 2.3]],
+                    "test_acc": [[100, acc]]}}
     if status != "complete":
         r = {k: (None if k not in ("family", "model", "depth", "seed", "status", "model_kwargs", "run_dir") else v)
              for k, v in r.items()} | {"status": status, "error": "training diverged: ..."}

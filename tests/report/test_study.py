@@ -37,12 +37,15 @@ def test_tiny_study_writes_every_output_with_its_runs(tiny_study):
         assert r["status"] == "complete" and r["steps"] == 12 and r["test_images"] == 256
         assert r["test_acc"] == summary["test_acc"] and r["params"] == summary["params"] > 0
         assert r["train_img_per_s"] > 0 and r["wall_s"] > 0 and r["model_kwargs"] == {"width": 0.25}
-        assert [p[0] for p in r["curve"]] == [5, 10, 12] and all(0 < p[1] < 20 for p in r["curve"])
+        loss = r["curves"]["train_loss"]
+        assert [p[0] for p in loss] == [5, 10, 12] and all(0 < p[1] < 20 for p in loss)
+        # an epoch of 1,024 images is 8 steps: evaluated after epoch 1 and at the end
+        assert [p[0] for p in r["curves"]["test_acc"]] == [8, 12] and r["curves"]["test_acc"][-1][1] == r["test_acc"]
     # the two nets differ only in the (parameter-free, option-A) shortcut
     assert runs[0]["params"] == runs[1]["params"]
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [(r["model"], float(r["test_acc"])) for r in rows] == [(r["model"], r["test_acc"]) for r in runs]
-    assert "curve" not in rows[0]
+    assert "curves" not in rows[0]
     md = (out / "report.md").read_text()
     for r in runs:  # the accuracy table holds the measured numbers
         assert f"{r['test_acc'] * 100:.1f}%" in md
