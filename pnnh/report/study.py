@@ -377,11 +377,13 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
     (run i of n, accuracy, ETA). A run whose loss diverges is recorded as diverged and the study
     goes on; any other error stops the study (re-running continues where it stopped).
     """
+    from ..data.datasets import find_data_dir
     from ..train import train
 
+    find_data_dir(study.data, study.train.get("data_dir"))  # missing data: fail before anything is written
     out = study.out
-    out.mkdir(parents=True, exist_ok=True)
     check_study_dir(study)
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "study.json", study.describe())
     n = len(study.runs)
     log(f"study {study.preset!r}: {n} runs ({', '.join(study.families)} x depths "

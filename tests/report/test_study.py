@@ -192,3 +192,12 @@ def test_a_family_without_a_pattern_is_found_in_the_registry():
     fam = Family("resnet", None)
     assert fam.model_name(20) == "resnet20" and fam.model_name(18) == "resnet18" and fam.model_name(14) is None
     assert _family("resnet") is FAMILIES["resnet"]
+
+
+def test_missing_data_fails_before_anything_is_written(tmp_path):
+    from pnnh.errors import DataError
+
+    study = plan_study("paper", out=tmp_path / "s", families=["plain"], data_dir=str(tmp_path / "no-data"))
+    with pytest.raises(DataError, match="cifar"):
+        run_study(study, log=lambda line: None)
+    assert not (tmp_path / "s").exists()
