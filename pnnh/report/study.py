@@ -411,8 +411,9 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
             summary = {"status": "diverged", "error": str(e)}
             log(f"{tag}: diverged ({e})")
         took = time.time() - t0
-        done_cost += costs[i]
-        done_seconds += took
+        if not partial:  # a resumed run did only part of its work: it would skew the rate
+            done_cost += costs[i]
+            done_seconds += took
         left = sum(c for j, c in enumerate(costs[i + 1:], i + 1) if _finished(study.runs[j]) is None)
         eta = done_seconds / done_cost * left if done_cost else float("nan")
         log(f"{tag}: {_result_words(summary)}, {took:.1f} s | elapsed {_fmt_time(time.time() - start)}, "

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_tiny_study_writes_every_output_with_its_runs(tiny_study):
     assert html.count("data:image/png;base64,") == 4 and "<script" not in html
     # progress a person can follow: run i of n, then an ETA
     assert lines[0].startswith("study 'quick': 2 runs")
-    assert any(l.startswith("[1/2] plain8 seed 0: test acc") and "ETA" in l for l in lines)
+    assert any(re.match(r"\[1/2\] plain8 seed 0: test acc \d+\.\d%, \d+ train img/s, .* ETA \d+:\d\d$", l)
+               for l in lines), lines
     assert any(l.startswith("[2/2] resnet8 seed 0: test acc") for l in lines)
     assert lines[-1].startswith("report: ")
 
