@@ -355,7 +355,7 @@ def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
         ax.grid(alpha=0.3)
         if i % cols == 0:
             ax.set_ylabel("training loss")
-        if i == 0:
+        if i == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend()
     for i in range(len(depths), rows * cols):
         axes[i // cols][i % cols].set_visible(False)
@@ -390,7 +390,8 @@ def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
         ax.set_ylim(0, 100)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         what = "parameter count" if attr == "params" else "wall-clock time of the run (training, evaluation, checkpoints)"
         figs[stem] = (f"Test accuracy against {what}; labels are depths.", _png(fig))
     return figs

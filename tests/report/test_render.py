@@ -118,3 +118,14 @@ def test_unfinished_study_says_so():
     assert "This study is not finished: 2 of 6 runs are in." in render_markdown(res, {})
     html = render_html(res, {"accuracy_vs_depth": ("cap", _png())})
     assert "This study is not finished" in html and html.count("<img") == 1
+
+
+def test_a_study_where_everything_diverged_still_renders_without_warnings(tmp_path):
+    import warnings
+
+    res = _results([_run("plain", 8, 0, 0.0, status="diverged"), _run("resnet", 8, 0, 0.0, status="diverged")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_report(tmp_path, res)
+    md = paths["md"].read_text()
+    assert "| 8 | diverged | diverged |" in md and "plain8: 1 of 1 runs diverged" in md
