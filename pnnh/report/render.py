@@ -241,8 +241,8 @@ def throughput_table(groups: list[Group], families: list[str]) -> list[list[str]
 def recipe_table(study: dict[str, Any]) -> list[list[str]]:
     t = study.get("train", {})
     keys = ("data", "steps", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
-            "schedule", "warmup", "label_smoothing", "augment", "train_subset", "test_subset", "checkpoint_every",
-            "device", "threads", "amp")
+            "schedule", "warmup", "grad_clip", "label_smoothing", "augment", "train_subset", "test_subset",
+            "checkpoint_every", "device", "threads", "amp")
     rows = [["setting", "value"]]
     for k in keys:
         if k in t and t[k] is not None:

@@ -110,7 +110,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "Fashion-MNIST, a short budget (about 0.2 epoch per run) and one seed, sized to finish within "
         "10 minutes on 2 CPU cores.",
         data="fashion-mnist", families=("plain", "resnet", "pnnh"), depths=(8, 20, 56), seeds=1,
-        train=dict(steps=100, batch_size=128, lr=0.1, schedule="onecycle", augment=False,
+        # grad_clip: at lr 0.1 a deep net's loss can spike early (resnet56 to 5.7 by step 20, measured),
+        # which a 100-step budget cannot recover from; clipping the gradient norm, the same for every
+        # family, removes the spike (resnet56 54% -> 79%; plain56 27% -> 14%; one seed each).
+        train=dict(steps=100, batch_size=128, lr=0.1, schedule="onecycle", augment=False, grad_clip=1.0,
                    test_subset=2000, checkpoint_every=25, log_every=5),
     ),
     Preset(
