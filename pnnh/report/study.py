@@ -332,9 +332,9 @@ def check_study_dir(study: Study) -> None:
         if diff:
             bad.append(f"{run.run_id} ({'; '.join(diff)})")
     if bad:
-        raise ConfigError(f"{study.out} holds runs made with different settings: {', '.join(bad[:3])}"
-                          f"{' ...' if len(bad) > 3 else ''}. Use another --out, or delete those run directories "
-                          f"to redo them")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ConfigError(f"{study.out} holds runs made with different settings: {', '.join(bad[:3])}{more}. "
+                          f"Use another --out, or delete those run directories to redo them")
 
 
 # -------------------------------------------------------------------------------------------------
