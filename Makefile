@@ -9,5 +9,6 @@ setup:
 study: setup
 	$(BIN)/pnnh study --preset quick --out runs/study-quick
 
-test: setup
+test:
+	VENV=$(VENV) WITH_BROWSER=1 bash scripts/setup.sh
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,8 @@
 # One-time setup, idempotent: system data package, a virtual environment, pnnh and its deps.
 #   VENV=.venv (where to install)   TORCH_SPEC="torch==2.13.0" (CPU wheel on the project machines;
 #   any torch>=2.1 works for users: set TORCH_SPEC=torch to take your platform's default build)
-#   EXTRAS=test (pip extras of pnnh to install)
+#   EXTRAS=test (pip extras of pnnh to install)   WITH_BROWSER=1 (also Debian's chromium, for the
+#   report's headless-browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -18,6 +19,13 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${PNNH_DATA:-}" ]; then
   echo "setup: warning: Fashion-MNIST not installed; put the IDX files in \$PNNH_DATA/fashion-mnist" >&2
+fi
+
+# Debian's chromium renders report.html in the browser test (`make test` sets WITH_BROWSER=1).
+if [ "${WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian package chromium (for the report's browser test)"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
 # 2. Virtual environment with torch first (so pip does not pick a multi-GB CUDA build), then pnnh.
