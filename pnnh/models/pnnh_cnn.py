@@ -188,7 +188,7 @@ class PNNHLayer(nn.Module):
         return self.act(torch.cat([a, -a[:, self.n_learn:]], 1))
 
     @torch.no_grad()
-    def as_plain_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent plain conv of this layer in eval mode: ``(weight, bias)`` such that
         ``layer(x) == relu(conv2d(x, weight, bias, stride, padding))``.
 
@@ -203,6 +203,15 @@ class PNNHLayer(nn.Module):
         bf = bn.bias - s * bn.running_mean
         n = self.n_learn
         return torch.cat([wf, -wf[n:]], 0).clone(), torch.cat([bf, -bf[n:]], 0).clone()
+
+    @torch.no_grad()
+    def as_plain_conv(self) -> nn.Sequential:
+        """This layer (eval mode) as ``Sequential(Conv2d, ReLU)``: the protocol :func:`pnnh.deploy` uses."""
+        w, b = self.folded_weight_bias()
+        conv = nn.Conv2d(self.in_ch, w.shape[0], self.kernel_size, self.stride, self.padding, bias=True)
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        return nn.Sequential(conv, nn.ReLU(inplace=True))
 
     def extra_repr(self) -> str:
         shared = ", shared coder" if self._shared is not None else ""

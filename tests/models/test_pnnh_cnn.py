@@ -117,10 +117,23 @@ def test_as_plain_conv_folds_the_net_into_a_conv_relu_chain(kw):
     with torch.no_grad():
         h = x
         for layer in m.pnnh_layers():
-            w, b = layer.as_plain_conv()
+            w, b = layer.folded_weight_bias()
             assert w.shape[0] == layer.out_ch  # one conv, the layer's full width, no concat
             h = F.relu(F.conv2d(h, w, b, layer.stride, layer.padding))
         assert torch.allclose(h, m.forward_features(x), atol=1e-4)
+
+
+def test_deploy_turns_pnnh_into_a_pure_conv_relu_chain():
+    m = pnnh.create_model("pnnh20")
+    _randomise_bn(m)
+    m.eval()
+    x = torch.randn(3, 1, 28, 28)
+    fused = pnnh.deploy(m, fuse_relu=False, channels_last=False)
+    assert isinstance(fused, nn.Sequential)
+    kinds = {type(mod) for mod in fused.modules()} - {nn.Sequential}
+    assert kinds <= {nn.Conv2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear}, kinds
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), atol=1e-4, rtol=1e-4)
 
 
 def test_tied_coder_does_not_fold_and_is_a_transpose():
