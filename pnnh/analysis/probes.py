@@ -171,13 +171,16 @@ class Probe:
 def branch_end(block: nn.Module) -> nn.Module | None:
     """The module whose output ends a residual block's branch (before the add), or ``None`` for plain blocks.
 
-    ``block.residual_branch_norm()`` where a block defines it and it returns a module (post-activation
-    blocks: the last BatchNorm), else the last conv registered in the block outside its shortcut
-    (pre-activation blocks end their branch with a conv).
+    ``block.branch_out`` where a block has that hook point (catalogue blocks: the branch as merged,
+    after squeeze-excitation, scaling and drop-path), else ``block.residual_branch_norm()`` where a
+    block defines it and it returns a module (post-activation blocks: the last BatchNorm), else the
+    last conv registered in the block outside its shortcut (pre-activation blocks end with a conv).
     """
     sc = getattr(block, "shortcut", None)
     if not isinstance(sc, nn.Module):
         return None
+    if isinstance(getattr(block, "branch_out", None), nn.Module):
+        return block.branch_out
     fn = getattr(block, "residual_branch_norm", None)
     m = fn() if callable(fn) else None
     if isinstance(m, nn.Module):

@@ -82,3 +82,16 @@ def test_errors_are_config_errors():
     with pytest.raises(ConfigError, match="activation"):
         with ProbeTap(nn.Sequential(nn.Linear(2, 2)), "layers", lambda t, p: None):
             pass
+
+
+def test_branch_end_is_the_merged_branch_for_catalogue_blocks():
+    """Scaled / SE branches are measured after the scale or excitation, where they are added."""
+    import pnnh
+    from pnnh.analysis.probes import branch_end
+
+    blk = pnnh.create_model("scaled_resnet20").blocks()[0]
+    assert branch_end(blk) is blk.branch_out
+    r = pnnh.create_model("resnet20").blocks()[0]
+    assert branch_end(r) is r.bn2
+    plain = pnnh.create_model("plain20").blocks()[0]
+    assert branch_end(plain) is None
