@@ -106,3 +106,13 @@ class _Net(nn.Module):
     ("crelu", False), ("projection", False), ("weight_level_identity", False)])
 def test_detector_on_handmade_graphs(kind, residual):
     assert bool(find_residual_connections(_Net(kind))) is residual
+
+
+@pytest.mark.parametrize("name", ["plain_vit_mini_d6", "pnnh_vit_mini_d6", "plain_vit_tiny_d12", "pnnh_vit_tiny_d12"])
+def test_plain_and_pnnh_vits_have_no_residual_connection(name):
+    assert find_residual_connections(pnnh.create_model(name)) == []
+
+
+def test_residual_vit_fails_with_two_adds_per_block():
+    m = pnnh.create_model("vit_mini_d6")
+    assert len(find_residual_connections(m)) == 2 * 6  # attention and MLP sub-layers of each block
