@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "init_weights", "INITS"]
+__all__ = ["conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS"]
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -47,6 +47,30 @@ class ProjectionShortcut(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, norm_layer=nn.BatchNorm2d):
         super().__init__(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
+
+
+class PooledClassifierHead:
+    """The head of a CNN: global pool -> dropout -> linear, and the uniform model interface on it.
+
+    Mixed into ``nn.Module`` families that define ``forward_features`` and the attributes
+    ``global_pool``, ``head_drop``, ``fc``, ``num_features`` and ``num_classes``.
+    """
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
 
 
 # ---------------------------------------------------------------------------------------------

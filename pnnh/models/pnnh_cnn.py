@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_model
+from .layers import PooledClassifierHead
 
 __all__ = ["PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
            "cifar_pnnh", "imagenet_pnnh"]
@@ -298,7 +299,7 @@ class PNNHBlock(nn.Module):
         return self.layers(x)
 
 
-class PNNHNet(nn.Module):
+class PNNHNet(PooledClassifierHead, nn.Module):
     """A PNNH CNN with the layout of a ResNet twin (same stages, widths, convolutions; no shortcut).
 
     Args:
@@ -386,21 +387,6 @@ class PNNHNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import register_model
-from .layers import PadShortcut, ProjectionShortcut, conv1x1, conv3x3, init_weights
+from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, conv1x1, conv3x3, init_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "make_shortcut"]
 
@@ -159,7 +159,7 @@ BLOCKS: dict[str, Type[nn.Module]] = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifierHead, nn.Module):
     """Residual or plain CNN.
 
     Args:
@@ -247,20 +247,6 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(self.stages(self.stem(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        init_weights(self.fc)
 
 
 # -------------------------------------------------------------------------------------------------
