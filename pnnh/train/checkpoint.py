@@ -12,7 +12,8 @@ One file holds everything needed to continue a run exactly:
 safetensors is a flat tensor format with a JSON header: loading it cannot run code, unlike a
 pickle. A pickled file (``torch.save`` output) handed to :func:`load_checkpoint` is refused.
 Writing goes to a temporary file in the same directory, is fsync'ed, then ``os.replace``'d over
-the target, so the checkpoint on disk is always the last *complete* one.
+the target, so the checkpoint on disk is always the last *complete* one. Reading goes through one
+open file handle, so a reader racing a writer sees one whole version, never a mix of two.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
 
@@ -118,14 +119,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     _atomic_save_tensors(tensors, Path(path), meta)
 
 
-def _check_not_pickle(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+def _check_not_pickle(path: Path, head: bytes) -> None:
     # A safetensors file is an 8-byte header length then a JSON header ('{'). Check that first: the
     # length's low byte can itself be 0x80 or the pair "PK" (e.g. a 18,304-byte header).
     looks_safetensors = len(head) > 8 and head[8:9] == b"{"
@@ -136,31 +130,62 @@ def _check_not_pickle(path: Path) -> None:
             "safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors').")
     if len(head) < 8:
         raise CheckpointError(f"checkpoint {path} is empty or truncated")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > 100_000_000 or path.stat().st_size < 8 + n:
-        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file")
+
+
+def _read(path: Path, header_only: bool) -> tuple[dict[str, Any], bytes | None]:
+    """(decoded safetensors header, whole file or None) read through ONE open file handle.
+
+    One handle matters: a run replaces its checkpoint with ``os.replace`` while a reader (a resume,
+    a monitor, the crash test) may be looking. Opening the path twice, as ``safe_open`` does for
+    PyTorch (header, then ``UntypedStorage.from_file`` by name), can pair one file's header with the
+    other file's bytes. An open handle keeps its inode, so what we read is one complete file.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            _check_not_pickle(path, head)
+            (n,) = struct.unpack("<Q", head[:8])
+            size = os.fstat(f.fileno()).st_size
+            if n > 100_000_000 or size < 8 + n:
+                raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file")
+            f.seek(0)
+            data = f.read(8 + n) if header_only else f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        header = json.loads(data[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: bad header ({e})") from None
+    return header, (None if header_only else data)
+
+
+def _decode_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    raw = header.get("__metadata__") or {}
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a pnnh checkpoint (format {raw.get('format')!r})")
+    try:
+        return {k: (v if k in ("format", "kind") else json.loads(v)) for k, v in raw.items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: bad metadata ({e})") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded JSON metadata of a pnnh safetensors file (cheap: reads the header only)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    _check_not_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a pnnh checkpoint (format {raw.get('format')!r})")
-    return {k: (v if k in ("format", "kind") else json.loads(v)) for k, v in raw.items()}
+    header, _ = _read(path, header_only=True)
+    return _decode_metadata(path, header)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    _check_not_pickle(path)
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of one and the same file version."""
+    header, data = _read(path, header_only=False)
+    meta = _decode_metadata(path, header)
     try:
-        return load_file(str(path))
+        return meta, load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
 
@@ -195,8 +220,8 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
 def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load model weights from a pnnh checkpoint or weights file into ``model``; returns metadata."""
     path = Path(path)
-    meta = read_metadata(path)
-    _load_model_state(model, _load_tensors(path), meta, path)
+    meta, tensors = _read_checkpoint(path)
+    _load_model_state(model, tensors, meta, path)
     return meta
 
 
@@ -204,10 +229,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restore model, optimizer and RNG from a checkpoint; return its run ``state``."""
     path = Path(path)
-    meta = read_metadata(path)
+    meta, tensors = _read_checkpoint(path)
     if meta.get("kind") != "checkpoint":
         raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
-    tensors = _load_tensors(path)
     _load_model_state(model, tensors, meta, path)
     if optimizer is not None:
         groups = meta["optim_param_groups"]

@@ -155,3 +155,43 @@ def test_safetensors_file_that_is_not_a_pnnh_checkpoint(tmp_path):
     save_weights(tmp_path / "w.safetensors", _model())
     with pytest.raises(CheckpointError, match="weights only, not a resumable training checkpoint"):
         load_checkpoint(tmp_path / "w.safetensors", _model())
+
+
+def test_reading_while_the_writer_replaces_the_file_sees_one_whole_version(tmp_path):
+    """A resume or monitor reading while training replaces the checkpoint never mixes two versions.
+
+    The writer alternates checkpoints whose headers differ in length (step 9 vs step 10**12), so a
+    reader that took its header from one file and its bytes from the other (two opens by name) would
+    fail on the size check or decode the wrong tensors: this is the race CI once hit.
+    """
+    import threading
+
+    path = tmp_path / "checkpoint.safetensors"
+    m = pnnh.create_model("resnet20", width=0.25)
+    save_checkpoint(path, m, None, {"step": 0})
+    stop, errors = threading.Event(), []
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            with torch.no_grad():
+                m.fc.bias.fill_(float(i))
+            save_checkpoint(path, m, None, {"step": i, "pad": "x" * (i % 7) * 10})
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        reader = pnnh.create_model("resnet20", width=0.25)
+        for _ in range(300):
+            step = read_metadata(path)["state"]["step"]
+            state = load_checkpoint(path, reader, restore_rng=False)
+            assert state["step"] >= step  # never older than a header read before it
+            # the weights belong to the same version as the metadata read with them
+            assert reader.fc.bias.detach()[0].item() == float(state["step"])
+    except Exception as e:  # keep the writer from outliving the test
+        errors.append(e)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[0]
