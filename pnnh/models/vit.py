@@ -14,8 +14,9 @@ One configurable class, :class:`VisionTransformer`, builds every member of the f
   projection reads the concatenation of both. There is no ``x + f(x)``: the input reaches the
   output only through ``E``, a ReLU and the projection. ``E`` and the projection's coder columns
   start *looks-linear* (``E = I``, columns ``[I, -I]``), so at initialisation the coder carries
-  its input across the non-linearity unchanged. See ``docs/vit.md`` for the equations and what
-  is the paper's vs our choice.
+  its input across the non-linearity unchanged; they are stored divided by ``coder_gain`` so
+  Adam does not scramble that identity. See ``docs/vit.md`` for the equations and what is the
+  paper's vs our choice, ``docs/results/vit.md`` for measurements.
 
 Patch embedding is a stride-``patch_size`` convolution; pooling is a class token (``"token"``)
 or the mean of the patch tokens (``"avg"``). Attention goes through
