@@ -14,8 +14,9 @@ One configurable class, :class:`VisionTransformer`, builds every member of the f
   projection reads the concatenation of both. There is no ``x + f(x)``: the input reaches the
   output only through ``E``, a ReLU and the projection. ``E`` and the projection's coder columns
   start *looks-linear* (``E = I``, columns ``[I, -I]``), so at initialisation the coder carries
-  its input across the non-linearity unchanged. See ``docs/vit.md`` for the equations and what
-  is the paper's vs our choice.
+  its input across the non-linearity unchanged; they are stored divided by ``coder_gain`` so
+  Adam does not scramble that identity. See ``docs/vit.md`` for the equations and what is the
+  paper's vs our choice, ``docs/results/vit.md`` for measurements.
 
 Patch embedding is a stride-``patch_size`` convolution; pooling is a class token (``"token"``)
 or the mean of the patch tokens (``"avg"``). Attention goes through
@@ -289,8 +290,12 @@ class VisionTransformer(nn.Module):
         block: ``"residual"``, ``"plain"`` (adds removed) or ``"pnnh"`` (learner + mirrored coder).
         global_pool: ``"token"`` (class token, the ViT/DeiT default) or ``"avg"`` (mean of patch
             tokens, no class token).
-        coder_ratio: PNNH only: coder width as a fraction of ``embed_dim`` (1.0 carries every token
-            channel; smaller values carry the first ``round(ratio * dim)`` channels and cost less).
+        coder_ratio: PNNH only (an error elsewhere): coder width as a fraction of ``embed_dim``
+            [1.0: carries every token channel; smaller values carry the first
+            ``round(ratio * dim)`` channels and cost less].
+        coder_gain: PNNH only: the coder's parameters are stored divided by this gain, so under
+            Adam the coder moves ``coder_gain`` times as fast as the learner [0.1]; see
+            :class:`MirrorCoder`.
         drop_rate: dropout before the classifier. pos_drop_rate: after adding the position embedding.
         proj_drop_rate: dropout in the sub-layers (after the projection / MLP; on learner features
             in PNNH blocks). attn_drop_rate: on attention weights. drop_path_rate: stochastic depth,
@@ -300,8 +305,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, block: str = "residual", global_pool: str = "token",
-                 coder_ratio: float = 1.0, coder_gain: float = 0.1, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
-                 proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 coder_ratio: float | None = None, coder_gain: float | None = None, drop_rate: float = 0.0,
+                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         if block not in BLOCKS:
             raise ConfigError(f"unknown ViT block {block!r}; use {', '.join(BLOCKS)}")
@@ -313,7 +319,12 @@ class VisionTransformer(nn.Module):
                         ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0 <= p < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {p}")
-        if block == "pnnh" and not 0 < coder_ratio <= 1:
+        if block != "pnnh" and (coder_ratio is not None or coder_gain is not None):
+            raise ConfigError(f"coder_ratio and coder_gain are options of PNNH ViTs (pnnh_vit_*); "
+                              f"a {block} ViT has no coder")
+        coder_ratio = 1.0 if coder_ratio is None else coder_ratio
+        coder_gain = 0.1 if coder_gain is None else coder_gain
+        if not 0 < coder_ratio <= 1:
             raise ConfigError(f"coder_ratio must be in (0, 1], got {coder_ratio}")
         self.num_classes, self.in_chans, self.global_pool, self.block_kind = num_classes, in_chans, global_pool, block
         self.num_features = self.embed_dim = embed_dim

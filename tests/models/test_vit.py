@@ -87,6 +87,10 @@ def test_bad_options_are_config_errors():
         small("plain", drop_path_rate=0.1)
     with pytest.raises(ConfigError, match="coder_ratio"):
         small("pnnh", coder_ratio=0)
+    with pytest.raises(ConfigError, match="coder_gain must be > 0"):
+        small("pnnh", coder_gain=0)
+    with pytest.raises(ConfigError, match="options of PNNH ViTs"):
+        pnnh.create_model("vit_mini_d6", coder_gain=0.1)
     with pytest.raises(ConfigError, match="global_pool"):
         small(global_pool="max")
     with pytest.raises(ConfigError, match="block"):
