@@ -180,3 +180,19 @@ def test_bad_options_are_config_errors():
 
     with pytest.raises(ConfigError, match="6n\\+2"):
         cifar_pnnh(21)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_mirror_relu_equals_the_eager_cat_form_in_value_gradient_and_layout(fmt):
+    from pnnh.models.pnnh_cnn import mirror_relu
+
+    torch.manual_seed(0)
+    a = torch.randn(4, 12, 5, 5).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(4, 16, 5, 5)
+    ref = torch.relu(torch.cat([a, -a[:, 8:]], 1))
+    (ga_ref,) = torch.autograd.grad(ref, a, g)
+    y = mirror_relu(a, 8)
+    (ga,) = torch.autograd.grad(y, a, g)
+    assert torch.equal(y, ref) and torch.equal(ga, ga_ref)
+    # the gradient handed to BatchNorm is dense in the input's layout (the reason the op exists)
+    assert y.is_contiguous(memory_format=fmt) and ga.is_contiguous(memory_format=fmt)
