@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ._registry import register_model
 from .layers import PooledClassifierHead
 
-__all__ = ["MirrorReLU", "mirror_relu", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
+__all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
            "cifar_pnnh", "imagenet_pnnh"]
 
 CODERS = ("mirror", "shared", "tied")
@@ -55,14 +55,12 @@ def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
         w.normal_(0.0, scale * math.sqrt(2.0 / fan_in))
 
 
-class _MirrorReLUFunction(torch.autograd.Function):
-    """``relu(cat(a, -a[:, n:]))`` in one output buffer; backward from the output alone.
+class _MirrorFunction(torch.autograd.Function):
+    """``cat(a, -a[:, n:], dim=1)`` written once into a buffer in ``a``'s memory format.
 
-    The eager form (``neg``, ``cat``, ``relu_``) costs three extra tensors, and its backward hands
-    BatchNorm a channel slice of the gradient; in channels_last that slice sends BN's backward to a
-    slow strided path (profiled: BN went from 20 % to 44 % of a pnnh20 step). Here the gradient
-    w.r.t. ``a`` is one dense tensor in ``a``'s memory format. Only ``y`` is saved: ``y > 0`` on
-    the first ``C`` channels is ``a > 0``, on the last ``C - n`` it is ``a[:, n:] < 0``.
+    The eager form (``neg`` then ``cat``) makes an extra tensor, and its backward hands the
+    convolution a sum of channel slices; here the gradient w.r.t. ``a`` is one dense tensor in
+    ``a``'s layout (NCHW or channels_last), ``g[:, :C]`` minus ``g[:, C:]`` on the coder channels.
     """
 
     @staticmethod
@@ -71,46 +69,26 @@ class _MirrorReLUFunction(torch.autograd.Function):
         channels_last = a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
         y = torch.empty((N, 2 * C - n, H, W), dtype=a.dtype, device=a.device,
                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        torch.clamp_min(a, 0, out=y[:, :C])
+        y[:, :C] = a
         torch.neg(a[:, n:], out=y[:, C:])
-        y[:, C:].clamp_min_(0)
-        ctx.save_for_backward(y)
-        ctx.n, ctx.c = n, C
+        ctx.n, ctx.c, ctx.channels_last = n, C, channels_last
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (y,) = ctx.saved_tensors
         n, C = ctx.n, ctx.c
-        grad = torch.ops.aten.threshold_backward(g[:, :C], y[:, :C], 0)
-        grad[:, n:].sub_(torch.ops.aten.threshold_backward(g[:, C:], y[:, C:], 0))
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad = g[:, :C].contiguous(memory_format=fmt)
+        grad[:, n:].sub_(g[:, C:])
         return grad, None
 
 
-def mirror_relu(a: torch.Tensor, n_learn: int) -> torch.Tensor:
-    """``relu(cat(a, -a[:, n_learn:], dim=1))``: learner channels, then ``relu(e)``, ``relu(-e)``."""
-    return _MirrorReLUFunction.apply(a, n_learn)
+def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
+    """``cat(a, -a[:, n_learn:], dim=1)``: learner channels, then the code ``e`` and ``-e``."""
+    return _MirrorFunction.apply(a, n_learn)
 
 
-torch.fx.wrap("mirror_relu")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
-
-
-class MirrorReLU(nn.Module):
-    """The PNNH layer's activation: ReLU on the learner channels, CReLU on the coder channels.
-
-    Input ``a`` with ``C_l + C_c`` channels; output ``[relu(a_l) | relu(a_c) | relu(-a_c)]``
-    (``C_l + 2 C_c``). A forward pre-hook on this module sees the pre-activation ``a``.
-    """
-
-    def __init__(self, n_learn: int):
-        super().__init__()
-        self.n_learn = n_learn
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return mirror_relu(a, self.n_learn)
-
-    def extra_repr(self) -> str:
-        return f"n_learn={self.n_learn}"
+torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
 
 
 class CoderSpec:
@@ -181,7 +159,7 @@ class PNNHLayer(nn.Module):
             self.weight = nn.Parameter(torch.empty(self.n_learn, in_ch, k, k))
             self.__dict__["_shared"] = shared  # referenced, not registered: one copy in the state dict
         self.bn = nn.BatchNorm2d(n_conv)
-        self.act = MirrorReLU(self.n_learn) if n_code > 0 else nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True)
         self.reset_parameters(spec)
 
     # -- weights ---------------------------------------------------------------------------------
@@ -240,8 +218,56 @@ class PNNHLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # relu(a_c) and relu(-a_c) share W_c: one conv and one BN make both (see MirrorReLU)
-        return self.act(self.bn(F.conv2d(x, self.conv_weight(), None, self.stride, self.padding)))
+        """``cat(relu(a_l), relu(a_c), relu(-a_c))`` with ``a = BN(conv(x, [W_l; W_c]))``, two ways.
+
+        Training on CPU in channels_last: one conv with the tied rows ``[W_l; W_c; -W_c]``, then a
+        BatchNorm with the tied affine (:meth:`_mirrored_bn`) and a ReLU: the conv-BN-ReLU of a plain
+        layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
+        ``C_l + C_c = 12`` outputs costs nearly what 16 cost, and BatchNorm at 12/24 channels falls to
+        a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.91 -> 1.00 at
+        one thread, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
+        channels, BN, then :func:`mirror` — fewer FLOPs. Both compute the same function.
+        """
+        w = self.conv_weight()
+        if self.n_code == 0:
+            return self.act(self.bn(F.conv2d(x, w, None, self.stride, self.padding)))
+        if self._expanded_bn_is_faster(x):
+            w = torch.cat([w, -w[self.n_learn:]])  # the tied rows [W_l; W_c; -W_c]: one conv makes e and -e
+            return self.act(self._mirrored_bn(F.conv2d(x, w, None, self.stride, self.padding)))
+        a = F.conv2d(x, w, None, self.stride, self.padding)
+        return self.act(mirror(self.bn(a), self.n_learn))
+
+    def _expanded_bn_is_faster(self, a: torch.Tensor) -> bool:
+        # training on CPU in channels_last, with a plain BatchNorm (a SyncBatchNorm must run itself;
+        # torch.fx tracing sees the reference path)
+        return (not isinstance(a, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
+                and self.bn.track_running_stats and a.device.type == "cpu" and not a.is_contiguous()
+                and a.is_contiguous(memory_format=torch.channels_last))
+
+    def _mirrored_bn(self, e: torch.Tensor) -> torch.Tensor:
+        """``cat(BN(a), -BN(a)[:, n:])`` computed as a batch norm of ``e = cat(a, -a[:, n:])``.
+
+        The negated channels have batch mean ``-mu`` and the same variance, so normalising ``e``
+        with the tied affine ``(gamma, beta)`` on ``a`` and ``(gamma_c, -beta_c)`` on ``-a_c`` is
+        exactly the mirror of ``BN(a)``: one BatchNorm (``self.bn``, over ``a``'s ``C_l + C_c``
+        channels, whose running statistics are updated here) whatever path computes it. PyTorch's
+        channels_last CPU BatchNorm is vectorised at the stage widths (16/32/64) but not at
+        ``C_l + C_c`` (12/24): measured 13.3 ms against 2.6 ms per forward+backward at 12 vs 16
+        channels, 2 threads, batch 128 at 28x28.
+        """
+        bn, n = self.bn, self.n_learn
+        weight = torch.cat([bn.weight, bn.weight[n:]])
+        bias = torch.cat([bn.bias, -bn.bias[n:]])
+        y, batch_mean, batch_invstd = torch.native_batch_norm(e, weight, bias, None, None, True, 0.0, bn.eps)
+        with torch.no_grad():  # the running statistics of a (the first C_l + C_c channels of e)
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            c = bn.num_features
+            count = e.numel() // e.shape[1]
+            var = batch_invstd[:c].pow(-2).sub_(bn.eps).mul_(count / max(count - 1, 1))
+            bn.running_mean.lerp_(batch_mean[:c], momentum)
+            bn.running_var.lerp_(var, momentum)
+        return y
 
     @torch.no_grad()
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

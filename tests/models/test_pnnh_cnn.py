@@ -183,16 +183,44 @@ def test_bad_options_are_config_errors():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_mirror_relu_equals_the_eager_cat_form_in_value_gradient_and_layout(fmt):
-    from pnnh.models.pnnh_cnn import mirror_relu
+def test_mirror_equals_the_eager_cat_form_in_value_gradient_and_layout(fmt):
+    from pnnh.models.pnnh_cnn import mirror
 
     torch.manual_seed(0)
     a = torch.randn(4, 12, 5, 5).contiguous(memory_format=fmt).requires_grad_()
     g = torch.randn(4, 16, 5, 5)
-    ref = torch.relu(torch.cat([a, -a[:, 8:]], 1))
+    ref = torch.cat([a, -a[:, 8:]], 1)
     (ga_ref,) = torch.autograd.grad(ref, a, g)
-    y = mirror_relu(a, 8)
+    y = mirror(a, 8)
     (ga,) = torch.autograd.grad(y, a, g)
     assert torch.equal(y, ref) and torch.equal(ga, ga_ref)
-    # the gradient handed to BatchNorm is dense in the input's layout (the reason the op exists)
+    # the gradient handed back to the conv is dense in the input's layout
     assert y.is_contiguous(memory_format=fmt) and ga.is_contiguous(memory_format=fmt)
+
+
+def test_channels_last_training_path_is_the_same_layer():
+    """The expanded-BN path (CPU, channels_last, training) computes cat(BN(a), -BN(a)_c) exactly:
+    outputs, every gradient and the running statistics agree with the reference NCHW path."""
+    torch.manual_seed(0)
+    ref = PNNHLayer(16, 16, n_code=4, in_code=4)
+    with torch.no_grad():
+        ref.bn.weight.uniform_(0.5, 1.5)
+        ref.bn.bias.uniform_(-0.5, 0.5)
+    fast = PNNHLayer(16, 16, n_code=4, in_code=4)
+    fast.load_state_dict(ref.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 7, 7)
+    g = torch.randn(8, 16, 7, 7)
+    for _ in range(2):  # two steps: running statistics accumulate
+        y_ref, y_fast = ref(x), fast(x.contiguous(memory_format=torch.channels_last))
+        assert fast._expanded_bn_is_faster(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+        y_ref.backward(g)
+        y_fast.backward(g)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for name, b in ref.bn.named_buffers():
+        torch.testing.assert_close(getattr(fast.bn, name), b, rtol=1e-5, atol=1e-6, msg=name)
+    # by definition: the mirror half of the output is relu of minus the coder's normalised value
+    ref.eval(), fast.eval()
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-5, atol=1e-5)
