@@ -258,15 +258,15 @@ class PNNHLayer(nn.Module):
         bn, n = self.bn, self.n_learn
         weight = torch.cat([bn.weight, bn.weight[n:]])
         bias = torch.cat([bn.bias, -bn.bias[n:]])
-        y, batch_mean, batch_invstd = torch.native_batch_norm(e, weight, bias, None, None, True, 0.0, bn.eps)
-        with torch.no_grad():  # the running statistics of a (the first C_l + C_c channels of e)
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            c = bn.num_features
-            count = e.numel() // e.shape[1]
-            var = batch_invstd[:c].pow(-2).sub_(bn.eps).mul_(count / max(count - 1, 1))
-            bn.running_mean.lerp_(batch_mean[:c], momentum)
-            bn.running_var.lerp_(var, momentum)
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        # running statistics of e: those of a on the first C_l + C_c channels, copied back below
+        mean = torch.cat([bn.running_mean, -bn.running_mean[n:]])
+        var = torch.cat([bn.running_var, bn.running_var[n:]])
+        y = F.batch_norm(e, mean, var, weight, bias, True, momentum, bn.eps)
+        c = bn.num_features
+        bn.running_mean.copy_(mean[:c])
+        bn.running_var.copy_(var[:c])
         return y
 
     @torch.no_grad()
