@@ -105,6 +105,45 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_RUN_LOCKS: dict[Path, Any] = {}  # run directory -> the open lock file this process holds
+
+
+def _lock_run_dir(out: Path) -> None:
+    """Take ``out/.lock`` (an exclusive ``flock``) so that two processes never write one run.
+
+    The kernel drops the lock when its process dies, SIGKILL included, so a crashed run never
+    leaves a stale lock behind: resuming just works. The same process may re-enter (a caller
+    resuming in-process after an exception). No-op where ``fcntl`` does not exist (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = out.resolve()
+    if key in _RUN_LOCKS:
+        return
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"{out} is in use by another running pnnh process (pid {holder}); "
+                          "wait for it to finish or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
+def _unlock_run_dir(out: Path | None) -> None:
+    f = _RUN_LOCKS.pop(out.resolve(), None) if out is not None else None
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
 def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if cfg.out is None:
         return None
@@ -116,7 +155,9 @@ def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    _lock_run_dir(out)
     if (out / CKPT_NAME).exists() and not resume:
+        _unlock_run_dir(out)
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     for stale in out.glob(".*.tmp*"):  # temp files of a writer killed mid-write (see checkpoint.py)
         stale.unlink(missing_ok=True)
@@ -334,6 +375,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     if is_main and out is not None:
         save_weights(out / "model.safetensors", model, {"test_acc": test["acc"], "steps": total_steps})
         _write_summary(out, summary)
+        _unlock_run_dir(out)
     dist_utils.barrier()
     return summary
 

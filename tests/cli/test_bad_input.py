@@ -214,7 +214,7 @@ def test_disk_full_during_checkpoint_keeps_last_good_one_and_resume_finishes(dat
     code, err = run_cli(argv(data["good"], out), capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "error: could not write checkpoint" in err and "No space left on device" in err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl"]  # no temp file
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.safetensors", "metrics.jsonl"]  # no temp file
     assert ck.read_metadata(out / "checkpoint.safetensors")["state"]["step"] == 2  # the last good one
 
     monkeypatch.setattr(ck, "save_file", real_save)  # space freed: the same command resumes and finishes

@@ -72,7 +72,7 @@ def test_torchrun_two_processes_train_and_only_rank0_writes(ddp_run):
     # one writer: one line per epoch (not per rank), one summary line on stdout, no stray files
     assert [m["epoch"] for m in _metrics(out)] == [1, 2]
     assert p.stdout.count("test acc") == 1, p.stdout
-    assert sorted(f.name for f in out.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl", "model.safetensors",
+    assert sorted(f.name for f in out.iterdir()) == [".lock", "checkpoint.safetensors", "metrics.jsonl", "model.safetensors",
                                                      "summary.json"]
     # metrics are reduced over ranks: the epoch saw all 1024 images, not one rank's 512
     assert read_metadata(out / "checkpoint.safetensors")["state"]["step"] == 32
