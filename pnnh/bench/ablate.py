@@ -180,14 +180,18 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
     budget_defs = budget_defs or BUDGETS
     rows = aggregate(records)
     date = _dt.date.today().isoformat()
+    finished = [r["summary"] for r in records if r["summary"] and r["summary"].get("status") == "complete"]
+    augment = {s.get("augment") for s in finished}
+    aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
+           "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
     lines = ["# PNNH ablation on Fashion-MNIST", "",
              f"Generated {date} by:", "", "```bash", command, "```", "",
-             "Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128, "
-             "random crop + flip), full 60k/10k Fashion-MNIST; short budget = "
+             "Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128), "
+             f"full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; short budget = "
              f"{budget_defs['short']}, long budget = {budget_defs['long']}. Test accuracy in %, mean ± sample std "
              "over the finished seeds. img/s is training images per second from the engine (training time "
-             "only), single-threaded, on a shared 2-core machine: other processes' load makes it noisy, so "
-             "compare speeds only through the side-by-side table below.", ""]
+             "only), one thread per run, on a 2-core machine running other jobs: compare speeds only side by "
+             "side (docs/benchmarks.md).", ""]
     if notes:
         lines += [notes, ""]
     by_cell: dict[tuple, list] = {}
