@@ -94,7 +94,7 @@ torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace
 class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
-    def __init__(self, coder: str = "mirror", ratio: float = 0.5, init: str = "identity", mix: float = 0.1,
+    def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
                  learner_init: str = "dirac"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
@@ -390,7 +390,9 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         coder: ``"mirror"`` (default), ``"shared"`` (coder weights shared by the same-shape layers
             of a stage) or ``"tied"`` (tied encoder-decoder summed with the learner).
         coder_ratio: share ``r`` of each layer's output channels that are coder channels
-            (``2 C_c = r * width``); ``r = 1`` is a looks-linear (all-CReLU) plain net.
+            (``2 C_c = r * width``; default 0.25, chosen by ``pnnh ablate``: it beat 0.5 at depths
+            20, 56 and 110, docs/results/pnnh_ablation.md); ``r = 1`` is a looks-linear (all-CReLU)
+            plain net.
         coder_init: ``"identity"`` (looks-linear: the code passes unchanged), ``"orthogonal"`` or
             ``"he"`` (no internal path at init).
         coder_mix: scale (x He) of the coder's weights reading the input's *learner* channels, so
@@ -403,7 +405,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
     """
 
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
-                 in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.5,
+                 in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
                  coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac", stem: str = "auto",
                  img_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()

@@ -31,8 +31,10 @@ def test_same_depth_fewer_parameters_than_resnet_twin(depth):
     assert n_weighted(p) == n_weighted(r) == depth
     assert len(p.blocks()) == len(r.blocks())
     assert n_params(ll) < n_params(p) < n_params(r)
-    # r=0.5: each conv has 3/4 of the twin's outputs; r=1: half (only the fc layer differs)
-    assert abs(n_params(p) / n_params(r) - 0.75) < 0.03
+    # default r=0.25: each conv has 7/8 of the twin's outputs; r=0.5: 3/4; r=1: half (the fc layer differs)
+    assert abs(n_params(p) / n_params(r) - 0.875) < 0.03
+    half = pnnh.create_model(f"pnnh{depth}", coder_ratio=0.5)
+    assert abs(n_params(half) / n_params(r) - 0.75) < 0.03
     assert abs(n_params(ll) / n_params(r) - 0.5) < 0.03
 
 
