@@ -5,6 +5,9 @@ its own directory ``OUT/<budget>/d<depth>/<variant>/s<seed>``. A finished run is
 ``summary.json`` (when the config it was trained with, saved next to it, is the same); an
 interrupted one resumes from its checkpoint. So the command is resumable and can be grown: run it
 again with more seeds, depths or variants and only the missing runs train.
+The config compared holds the model options a variant *names*, not the registry's defaults: after
+changing a model default, rename (or delete) the runs of variants that relied on it, or they are
+reused as if they were the new default (``docs/results/pnnh_ablation.md`` records such a relabel).
 
 The report (Markdown) gives, per budget and depth, each variant's test accuracy mean ± std over
 the finished seeds, parameters, training images/s and wall time, and lists runs that did not run.
