@@ -224,8 +224,8 @@ class PNNHLayer(nn.Module):
         BatchNorm with the tied affine (:meth:`_mirrored_bn`) and a ReLU: the conv-BN-ReLU of a plain
         layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
         ``C_l + C_c = 12`` outputs costs nearly what 16 cost, and BatchNorm at 12/24 channels falls to
-        a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.91 -> 1.00 at
-        one thread, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
+        a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.66x -> 0.97x
+        at two threads, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
         channels, BN, then :func:`mirror` — fewer FLOPs. Both compute the same function.
         """
         w = self.conv_weight()
