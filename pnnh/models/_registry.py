@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, ModelNotFoundError
 
-__all__ = ["register_model", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
+__all__ = ["register_model", "register_builder", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,19 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | 
 
     return wrap(fn) if fn is not None else wrap
 
+
+
+def register_builder(namespace: dict, name: str, builder: Callable[..., nn.Module], doc: str, *,
+                     family: str, depth: int | None, layout: str | None) -> None:
+    """Register ``builder`` as the entry point ``name`` (documented by ``doc``) and bind it in
+    ``namespace`` (a module's ``globals()``): how a family registers its depths in a loop."""
+
+    def fn(**kwargs):
+        return builder(**kwargs)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    namespace[name] = register_model(fn, family=family, depth=depth, layout=layout)
 
 
 def is_model(name: str) -> bool:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_model
+from ._registry import register_builder
 from .layers import conv1x1, conv3x3
 from .resnet import ResNet, _cifar_layers, make_shortcut
 
@@ -355,14 +355,8 @@ def _wrn_layers(depth: int) -> tuple[int, int, int]:
 
 
 def _register() -> None:
-    g = globals()
-
     def add(name, family, depth, builder, doc):
-        def fn(**kwargs):
-            return builder(**kwargs)
-
-        fn.__name__, fn.__doc__ = name, doc
-        g[name] = register_model(fn, family=family, depth=depth, layout="cifar")
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout="cifar")
 
     def basic(depth, **preset):
         def build(**kwargs):

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_model
+from ._registry import register_builder
 from .layers import PooledClassifierHead
 
 __all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
@@ -508,14 +508,8 @@ def _looks_linear(builder):
 
 
 def _register_family() -> None:
-    g = globals()
-
     def add(name, family, depth, layout, builder, doc):
-        def fn(**kwargs):
-            return builder(**kwargs)
-
-        fn.__name__, fn.__doc__ = name, doc
-        g[name] = register_model(fn, family=family, depth=depth, layout=layout)
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),

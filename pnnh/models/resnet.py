@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ._registry import register_model
+from ._registry import register_builder
 from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, conv1x1, conv3x3, init_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "make_shortcut"]
@@ -282,14 +282,8 @@ def imagenet_resnet(depth: int, *, plain: bool = False, **kwargs) -> ResNet:
 
 
 def _register_family() -> None:
-    g = globals()
-
     def add(name, family, depth, layout, builder, doc):
-        def fn(**kwargs):
-            return builder(**kwargs)
-
-        fn.__name__, fn.__doc__ = name, doc
-        g[name] = register_model(fn, family=family, depth=depth, layout=layout)
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),
