@@ -223,8 +223,8 @@ class PNNHLayer(nn.Module):
         Training on CPU in channels_last: one conv with the tied rows ``[W_l; W_c; -W_c]``, then a
         BatchNorm with the tied affine (:meth:`_mirrored_bn`) and a ReLU: the conv-BN-ReLU of a plain
         layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
-        ``C_l + C_c = 12`` outputs costs nearly what 16 cost, and BatchNorm at 12/24 channels falls to
-        a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.66x -> 0.97x
+        ``C_l + C_c`` = 12 or 14 outputs costs nearly what 16 cost, and channels_last BatchNorm at
+        widths that are not multiples of 16 falls to a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.66x -> 0.97x
         at two threads, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
         channels, BN, then :func:`mirror` — fewer FLOPs. Both compute the same function.
         """
@@ -237,12 +237,12 @@ class PNNHLayer(nn.Module):
         a = F.conv2d(x, w, None, self.stride, self.padding)
         return self.act(mirror(self.bn(a), self.n_learn))
 
-    def _expanded_bn_is_faster(self, a: torch.Tensor) -> bool:
+    def _expanded_bn_is_faster(self, x: torch.Tensor) -> bool:
         # training on CPU in channels_last, with a plain BatchNorm (a SyncBatchNorm must run itself;
         # torch.fx tracing sees the reference path)
-        return (not isinstance(a, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
-                and self.bn.track_running_stats and a.device.type == "cpu" and not a.is_contiguous()
-                and a.is_contiguous(memory_format=torch.channels_last))
+        return (not isinstance(x, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
+                and self.bn.track_running_stats and x.device.type == "cpu" and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last))
 
     def _mirrored_bn(self, e: torch.Tensor) -> torch.Tensor:
         """``cat(BN(a), -BN(a)[:, n:])`` computed as a batch norm of ``e = cat(a, -a[:, n:])``.
@@ -252,7 +252,7 @@ class PNNHLayer(nn.Module):
         exactly the mirror of ``BN(a)``: one BatchNorm (``self.bn``, over ``a``'s ``C_l + C_c``
         channels, whose running statistics are updated here) whatever path computes it. PyTorch's
         channels_last CPU BatchNorm is vectorised at the stage widths (16/32/64) but not at
-        ``C_l + C_c`` (12/24): measured 13.3 ms against 2.6 ms per forward+backward at 12 vs 16
+        ``C_l + C_c`` (14/28/56 at the default ratio, 12/24/48 at 0.5): measured 13.3 ms against 2.6 ms per forward+backward at 12 vs 16
         channels, 2 threads, batch 128 at 28x28.
         """
         bn, n = self.bn, self.n_learn
