@@ -10,7 +10,28 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS"]
+__all__ = ["cnn_layout", "conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS"]
+
+
+def cnn_layout(layout: str, layers, width: float, img_size: int | None, stem: str,
+               min_width: int = 1) -> tuple[list[int], int, str]:
+    """Validate a CIFAR/ImageNet CNN layout; return (stage widths, image size, resolved stem).
+
+    CIFAR: 3 stages of 16/32/64 channels, 28 px by default; ImageNet: 4 stages of 64/128/256/512,
+    224 px; ``stem="auto"`` is the CIFAR stem, or for the ImageNet layout ``small`` up to 64 px.
+    """
+    if layout not in ("cifar", "imagenet"):
+        raise ConfigError(f"unknown layout {layout!r}; use 'cifar' or 'imagenet'")
+    if width <= 0:
+        raise ConfigError(f"width must be positive, got {width}")
+    base = (16, 32, 64) if layout == "cifar" else (64, 128, 256, 512)
+    if len(layers) != len(base):
+        raise ConfigError(f"{layout} layout takes {len(base)} stages, got {len(layers)}")
+    widths = [max(min_width, int(round(w * width))) for w in base]
+    img_size = img_size or (28 if layout == "cifar" else 224)
+    if stem == "auto":
+        stem = "cifar" if layout == "cifar" else ("small" if img_size <= 64 else "imagenet")
+    return widths, img_size, stem
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:

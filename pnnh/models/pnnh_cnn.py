@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import PooledClassifierHead
+from .layers import PooledClassifierHead, cnn_layout
 
 __all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
            "cifar_pnnh", "imagenet_pnnh"]
@@ -410,17 +410,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
                  img_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()
         spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init)
-        if layout not in ("cifar", "imagenet"):
-            raise ConfigError(f"unknown layout {layout!r}; use 'cifar' or 'imagenet'")
-        if width <= 0:
-            raise ConfigError(f"width must be positive, got {width}")
-        base = (16, 32, 64) if layout == "cifar" else (64, 128, 256, 512)
-        if len(layers) != len(base):
-            raise ConfigError(f"{layout} layout takes {len(base)} stages, got {len(layers)}")
-        widths = [max(2, int(round(w * width))) for w in base]
-        img_size = img_size or (28 if layout == "cifar" else 224)
-        if stem == "auto":
-            stem = "cifar" if layout == "cifar" else ("small" if img_size <= 64 else "imagenet")
+        widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem, min_width=2)
         if stem not in ("cifar", "small", "imagenet"):
             raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
         self.num_classes, self.in_chans, self.layout, self.stem_kind = num_classes, in_chans, layout, stem

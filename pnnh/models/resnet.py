@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, conv1x1, conv3x3, init_weights
+from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, cnn_layout, conv1x1, conv3x3, init_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "make_shortcut"]
 
@@ -188,17 +188,7 @@ class ResNet(PooledClassifierHead, nn.Module):
                  drop_rate: float = 0.0, block_kwargs: dict | None = None, stem_width: int | None = None):
         super().__init__()
         block_cls = BLOCKS[block] if isinstance(block, str) else block
-        if layout not in ("cifar", "imagenet"):
-            raise ConfigError(f"unknown layout {layout!r}; use 'cifar' or 'imagenet'")
-        if width <= 0:
-            raise ConfigError(f"width must be positive, got {width}")
-        base = (16, 32, 64) if layout == "cifar" else (64, 128, 256, 512)
-        if len(layers) != len(base):
-            raise ConfigError(f"{layout} layout takes {len(base)} stages, got {len(layers)}")
-        widths = [max(1, int(round(w * width))) for w in base]
-        img_size = img_size or (28 if layout == "cifar" else 224)
-        if stem == "auto":
-            stem = "cifar" if layout == "cifar" else ("small" if img_size <= 64 else "imagenet")
+        widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem)
         self.num_classes, self.in_chans, self.layout, self.stem_kind = num_classes, in_chans, layout, stem
         self.preact = block_cls in (PreActBasicBlock, PreActBottleneck) or getattr(block_cls, "preact", False)
         self.has_shortcut = shortcut is not None
