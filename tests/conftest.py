@@ -50,3 +50,19 @@ def fmnist_small(tmp_path_factory) -> Path:
     if not any(d.glob("train-images-idx3-ubyte*")):
         pytest.fail(f"Fashion-MNIST not found in {d}")
     return write_idx_subset(d, tmp_path_factory.mktemp("fmnist-small"), 1024, 256)
+
+
+@pytest.fixture
+def check_cnn_interface():
+    """The uniform CNN interface (timm style) on an eval-mode model: features of ``feat_shape``,
+    ``forward_head`` equal to ``forward``, pooled pre-logits, and a working ``reset_classifier``."""
+
+    def check(m, x, feat_shape):
+        feats = m.forward_features(x)
+        assert feats.shape == feat_shape
+        assert torch.equal(m.forward_head(feats), m(x))
+        assert m.forward_head(feats, pre_logits=True).shape == feat_shape[:2]
+        m.reset_classifier(4)
+        assert m(x).shape == (x.shape[0], 4) and m.get_classifier().out_features == 4
+
+    return check

@@ -38,16 +38,10 @@ def test_same_depth_fewer_parameters_than_resnet_twin(depth):
     assert abs(n_params(ll) / n_params(r) - 0.5) < 0.03
 
 
-def test_imagenet_layout_and_uniform_interface():
+def test_imagenet_layout_and_uniform_interface(check_cnn_interface):
     m = pnnh.create_model("pnnh18", num_classes=7, in_chans=3, width=0.25).eval()
     assert n_weighted(m) == 18 and m.default_cfg["input_size"] == (3, 224, 224)
-    x = torch.randn(2, 3, 64, 64)
-    feats = m.forward_features(x)
-    assert feats.shape == (2, 128, 2, 2)
-    assert torch.equal(m.forward_head(feats), m(x))
-    assert m.forward_head(feats, pre_logits=True).shape == (2, 128)
-    m.reset_classifier(4)
-    assert m(x).shape == (2, 4) and m.get_classifier().out_features == 4
+    check_cnn_interface(m, torch.randn(2, 3, 64, 64), (2, 128, 2, 2))
     assert n_weighted(pnnh.create_model("pnnh50", width=0.25)) == 50
 
 

@@ -44,15 +44,9 @@ def test_bad_depth_and_options_are_config_errors():
         pnnh.create_model("plain20", width=0)
 
 
-def test_uniform_interface():
+def test_uniform_interface(check_cnn_interface):
     m = pnnh.create_model("resnet20", num_classes=7).eval()
-    x = torch.randn(3, 1, 28, 28)
-    feats = m.forward_features(x)
-    assert feats.shape == (3, 64, 7, 7)
-    assert torch.equal(m.forward_head(feats), m(x))
-    assert m.forward_head(feats, pre_logits=True).shape == (3, 64)
-    m.reset_classifier(4)
-    assert m(x).shape == (3, 4) and m.get_classifier().out_features == 4
+    check_cnn_interface(m, torch.randn(3, 1, 28, 28), (3, 64, 7, 7))
 
 
 def test_dirac_init_plain_net_starts_as_per_channel_chain():
