@@ -91,6 +91,19 @@ def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
 
 
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (contiguous as NCHW *and* as channels_last: 1 channel or 1x1) with channels_last strides.
+
+    The same memory, element for element. oneDNN picks a convolution's output format from the
+    strides of its input and weight; a 1-channel batch keeps NCHW strides after
+    ``.contiguous(memory_format=torch.channels_last)`` (already "contiguous"), and the expanded
+    weight of :meth:`PNNHLayer.forward` is a fresh NCHW tensor, so without this the stem would
+    write NCHW and the next layer would fall off the channels_last path.
+    """
+    n, c, h, w = x.shape
+    return x.as_strided(x.shape, (c * h * w, 1, w * c, c))
+
+
 class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
@@ -224,14 +237,16 @@ class PNNHLayer(nn.Module):
         BatchNorm with the tied affine (:meth:`_mirrored_bn`) and a ReLU: the conv-BN-ReLU of a plain
         layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
         ``C_l + C_c`` = 12 or 14 outputs costs nearly what 16 cost, and channels_last BatchNorm at
-        widths that are not multiples of 16 falls to a slow kernel; the tied conv avoids both (measured: pnnh56/resnet56 training 0.66x -> 0.97x
-        at two threads, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
+        widths that are not multiples of 16 falls to a slow kernel; the tied conv avoids both
+        (measured: pnnh56/resnet56 training 0.66x -> 1.02x at two threads, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
         channels, BN, then :func:`mirror` — fewer FLOPs. Both compute the same function.
         """
         w = self.conv_weight()
         if self.n_code == 0:
             return self.act(self.bn(F.conv2d(x, w, None, self.stride, self.padding)))
         if self._expanded_bn_is_faster(x):
+            if x.is_contiguous():  # also NCHW-contiguous (1 channel): make the strides say channels_last
+                x = _channels_last_view(x)
             w = torch.cat([w, -w[self.n_learn:]])  # the tied rows [W_l; W_c; -W_c]: one conv makes e and -e
             return self.act(self._mirrored_bn(F.conv2d(x, w, None, self.stride, self.padding)))
         a = F.conv2d(x, w, None, self.stride, self.padding)
@@ -239,9 +254,11 @@ class PNNHLayer(nn.Module):
 
     def _expanded_bn_is_faster(self, x: torch.Tensor) -> bool:
         # training on CPU in channels_last, with a plain BatchNorm (a SyncBatchNorm must run itself;
-        # torch.fx tracing sees the reference path)
+        # torch.fx tracing sees the reference path). An input that is both NCHW- and
+        # channels_last-contiguous (the stem's 1-channel image) counts as channels_last: the stem
+        # is the widest-resolution layer, and its BN at C_l + C_c channels was 2 % of pnnh56's step.
         return (not isinstance(x, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
-                and self.bn.track_running_stats and x.device.type == "cpu" and not x.is_contiguous()
+                and self.bn.track_running_stats and x.device.type == "cpu"
                 and x.is_contiguous(memory_format=torch.channels_last))
 
     def _mirrored_bn(self, e: torch.Tensor) -> torch.Tensor:
@@ -260,14 +277,34 @@ class PNNHLayer(nn.Module):
         bias = torch.cat([bn.bias, -bn.bias[n:]])
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        # running statistics of e: those of a on the first C_l + C_c channels, copied back below
-        mean = torch.cat([bn.running_mean, -bn.running_mean[n:]])
-        var = torch.cat([bn.running_var, bn.running_var[n:]])
-        y = F.batch_norm(e, mean, var, weight, bias, True, momentum, bn.eps)
+        mean, var = self._full_width_running_stats()
+        return F.batch_norm(e, mean, var, weight, bias, True, momentum, bn.eps)
+
+    @torch.no_grad()
+    def _full_width_running_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width running-statistics tensors whose first ``C_l + C_c`` entries *are* ``bn``'s.
+
+        ``bn.running_mean``/``running_var`` are re-pointed (``Tensor.set_``, same objects, same
+        state-dict shapes) at the start of a full-width storage, so the batch norm of ``e`` updates
+        them in place. The mirrored tail is the kernel's scratch: in training BN normalises with
+        batch statistics, and eval reads only the first ``C_l + C_c``, so the tail is never read and
+        may go stale (after ``load_state_dict`` or a DDP broadcast) without effect. Building the
+        full-width statistics by concatenation and copying them back cost 12 small ops per layer
+        and step: 4 % of pnnh56's training step on 2 CPU threads (measured against this).
+        ``.to()``, ``deepcopy`` or ``load_state_dict(assign=True)`` give the module new tensors;
+        the pointer check notices and links them again.
+        """
+        bn, n = self.bn, self.n_learn
+        rm, rv = bn.running_mean, bn.running_var
+        full = self.__dict__.get("_full_stats")
+        if full is not None and full[0].data_ptr() == rm.data_ptr() and full[1].data_ptr() == rv.data_ptr():
+            return full
         c = bn.num_features
-        bn.running_mean.copy_(mean[:c])
-        bn.running_var.copy_(var[:c])
-        return y
+        mean, var = torch.cat([rm, -rm[n:]]), torch.cat([rv, rv[n:]])
+        rm.set_(mean.untyped_storage(), 0, (c,), (1,))
+        rv.set_(var.untyped_storage(), 0, (c,), (1,))
+        self.__dict__["_full_stats"] = (mean, var)  # not a buffer: the state dict keeps bn's shapes
+        return mean, var
 
     @torch.no_grad()
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,3 +220,65 @@ def test_channels_last_training_path_is_the_same_layer():
     # by definition: the mirror half of the output is relu of minus the coder's normalised value
     ref.eval(), fast.eval()
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_training_updates_the_modules_own_running_statistics(tmp_path):
+    """The fast path updates ``bn.running_mean``/``running_var`` in place through a full-width
+    storage. Whatever replaces or overwrites those tensors (deepcopy, a dtype change,
+    ``load_state_dict`` with or without ``assign``) must not cut the update off, and the state dict
+    and checkpoints keep the ``C_l + C_c`` shapes."""
+    import copy
+
+    from pnnh.train.checkpoint import load_weights, save_weights
+
+    def step(layer, x):
+        layer.train()
+        layer(x.to(layer.weight.dtype).contiguous(memory_format=torch.channels_last))
+
+    def reference_stats(layer, x):  # one reference-path step on a copy
+        ref = copy.deepcopy(layer).to(memory_format=torch.contiguous_format)
+        ref(x.to(layer.weight.dtype))
+        return ref.bn.running_mean.clone(), ref.bn.running_var.clone()
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 7, 7) + 0.5
+    layer = PNNHLayer(16, 16, n_code=4, in_code=4).to(memory_format=torch.channels_last)
+    c = layer.bn.num_features
+    for change in ("none", "deepcopy", "double", "load", "load_assign"):
+        if change == "deepcopy":
+            layer = copy.deepcopy(layer)
+        elif change == "double":
+            layer = layer.double()
+        elif change in ("load", "load_assign"):
+            other = {k: v.clone() + (0.25 if "running" in k else 0) for k, v in layer.state_dict().items()}
+            layer.load_state_dict(other, assign=change == "load_assign")
+        want_mean, want_var = reference_stats(layer, x)
+        step(layer, x)
+        assert layer.bn.running_mean.shape == (c,) and layer.bn.running_var.shape == (c,), change
+        torch.testing.assert_close(layer.bn.running_mean, want_mean, msg=change)
+        torch.testing.assert_close(layer.bn.running_var, want_var, msg=change)
+    # the saved tensors are the module's statistics, not the full-width scratch behind them
+    save_weights(tmp_path / "w.safetensors", layer)
+    fresh = PNNHLayer(16, 16, n_code=4, in_code=4).double()
+    load_weights(tmp_path / "w.safetensors", fresh)
+    assert torch.equal(fresh.bn.running_mean, layer.bn.running_mean)
+    assert torch.equal(fresh.bn.running_var, layer.bn.running_var)
+
+
+def test_a_one_channel_batch_keeps_the_whole_net_on_the_channels_last_path():
+    """The engine's loader hands a 1-channel batch through ``.contiguous(channels_last)``, which
+    keeps NCHW strides (the tensor is contiguous both ways). The stem must still write
+    channels_last, or the next layer falls to the 14-channel BatchNorm path that is 5x slower."""
+    m = pnnh.create_model("pnnh20").to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    assert x.stride() == (784, 784, 28, 1)  # the strides the loader's batches have
+    seen = []
+    for layer in m.modules():
+        if isinstance(layer, PNNHLayer):
+            layer.register_forward_pre_hook(lambda mod, inp: seen.append(
+                mod._expanded_bn_is_faster(inp[0]) and inp[0].is_contiguous(memory_format=torch.channels_last)))
+    out = m(x)
+    assert len(seen) == 19 and all(seen)
+    ref = pnnh.create_model("pnnh20").train()
+    ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(out, ref(x.contiguous()), rtol=1e-4, atol=1e-4)
