@@ -108,7 +108,7 @@ class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
-                 learner_init: str = "dirac"):
+                 learner_init: str = "dirac", learner_mix: float = 0.0):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -119,7 +119,10 @@ class CoderSpec:
             raise ConfigError(f"coder_mix must be a finite number >= 0, got {mix}")
         if learner_init not in LEARNER_INITS:
             raise ConfigError(f"unknown learner_init {learner_init!r}; choose one of {', '.join(LEARNER_INITS)}")
+        if not math.isfinite(learner_mix) or learner_mix < 0:
+            raise ConfigError(f"learner_mix must be a finite number >= 0, got {learner_mix}")
         self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
+        self.learner_mix = learner_mix
 
     def split(self, width: int) -> tuple[int, int]:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
@@ -199,7 +202,9 @@ class PNNHLayer(nn.Module):
         if spec.learner_init == "dirac" and m_l > 0 and self.in_code > 0:
             # identity on the previous learner channels (a DiracNet-style weight-level path), He beyond
             learner[:m_l].zero_()
-            learner[:m_l, :m_l, k // 2, k // 2] = torch.eye(m_l)
+            if spec.learner_mix > 0:  # random features on top of the identity (ResNet's x + F(x) at init)
+                _he_(learner[:m_l], fan_in, spec.learner_mix)
+            learner[:m_l, :m_l, k // 2, k // 2] += torch.eye(m_l)
         coder = self._shared.weight if self._shared is not None else self.weight[self.n_learn:]
         if self._shared is not None and getattr(self._shared, "_initialised", False):
             coder = None  # the first layer sharing this weight initialised it
@@ -436,6 +441,9 @@ class PNNHNet(PooledClassifierHead, nn.Module):
             learner features get a short route along the coder path; 0 reads only the code.
         learner_init: ``"dirac"`` (default: learner rows start as the identity on the input's learner
             channels, as in a dirac-initialised plain net; extra rows He) or ``"he"``.
+        learner_mix: with ``learner_init="dirac"``, He noise of this scale added to the identity
+            rows (over all input channels), so learners start with random features as a ResNet
+            block's ``x + F(x)`` does; 0 (default) is the pure identity.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -443,10 +451,10 @@ class PNNHNet(PooledClassifierHead, nn.Module):
 
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
-                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac", stem: str = "auto",
-                 img_size: int | None = None, drop_rate: float = 0.0):
+                 coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac",
+                 learner_mix: float = 0.0, stem: str = "auto", img_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()
-        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init)
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix)
         widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem, min_width=2)
         if stem not in ("cifar", "small", "imagenet"):
             raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
@@ -456,7 +464,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
 
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
-        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init)
+        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix)
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
                                       nn.MaxPool2d(3, 2, 1))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import pnnh
 from pnnh.errors import ConfigError
-from pnnh.models.pnnh_cnn import PNNHLayer, TiedCoderLayer
+from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
 
 
 def n_params(m: nn.Module) -> int:
@@ -282,3 +282,17 @@ def test_a_one_channel_batch_keeps_the_whole_net_on_the_channels_last_path():
     ref = pnnh.create_model("pnnh20").train()
     ref.load_state_dict(m.state_dict())
     torch.testing.assert_close(out, ref(x.contiguous()), rtol=1e-4, atol=1e-4)
+
+
+def test_learner_mix_adds_he_noise_of_that_scale_to_the_identity_learner():
+    torch.manual_seed(0)
+    pure = PNNHLayer(64, 64, n_code=8, in_code=8)
+    noisy = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(learner_mix=0.5))
+    m = pure.n_learn
+    assert torch.equal(pure.weight[:m, :m, 1, 1], torch.eye(m))
+    assert torch.count_nonzero(pure.weight[:m]) == m  # pure identity: nothing else
+    noise = noisy.weight[:m] - pure.weight[:m].detach()
+    he_std = (2.0 / (64 * 9)) ** 0.5
+    assert abs(noise.std().item() / (0.5 * he_std) - 1) < 0.05
+    with pytest.raises(ConfigError, match="learner_mix"):
+        pnnh.create_model("pnnh20", learner_mix=-1)
