@@ -212,7 +212,7 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
             n = len(r["accs"])
             if n:
                 m, sd = _mean_std(r["accs"])
-                acc = f"{m:.2f} ± {sd:.2f}"
+                acc = f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f} (1 seed: no spread)"
                 img = f"{statistics.fmean(r['img_s']):.0f}"
                 wall = f"{statistics.fmean(r['wall']):.0f}"
                 params = f"{r['params']:,}"

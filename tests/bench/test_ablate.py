@@ -6,7 +6,7 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.bench.ablate import VARIANTS, aggregate, parse_variant, side_by_side_throughput
+from pnnh.bench.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -63,6 +63,10 @@ def test_aggregate_mean_std_and_diverged():
                  "summary": {"status": "diverged"}})
     (row,) = aggregate(recs)
     assert row["accs"] == [50.0, 70.0] and row["diverged"] == [2]
+    report = format_report(recs, "cmd")
+    assert "60.00 ± 14.14" in report  # sample std of 50 and 70
+    one = format_report(recs[:1], "cmd")
+    assert "50.00 (1 seed: no spread)" in one and "± 0.00" not in one  # one seed has no spread to show
 
 
 def test_side_by_side_throughput_ratios():
