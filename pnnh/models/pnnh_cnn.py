@@ -243,8 +243,9 @@ class PNNHLayer(nn.Module):
         layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
         ``C_l + C_c`` = 12 or 14 outputs costs nearly what 16 cost, and channels_last BatchNorm at
         widths that are not multiples of 16 falls to a slow kernel; the tied conv avoids both
-        (measured: pnnh56/resnet56 training 0.66x -> 1.02x at two threads, docs/benchmarks.md). Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c``
-        channels, BN, then :func:`mirror` — fewer FLOPs. Both compute the same function.
+        (measured: pnnh56/resnet56 training 0.66x -> 1.02x at two threads, docs/benchmarks.md).
+        Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c`` channels, BN, then :func:`mirror` —
+        fewer FLOPs. Both compute the same function.
         """
         w = self.conv_weight()
         if self.n_code == 0:
@@ -260,8 +261,8 @@ class PNNHLayer(nn.Module):
     def _expanded_bn_is_faster(self, x: torch.Tensor) -> bool:
         # training on CPU in channels_last, with a plain BatchNorm (a SyncBatchNorm must run itself;
         # torch.fx tracing sees the reference path). An input that is both NCHW- and
-        # channels_last-contiguous (the stem's 1-channel image) counts as channels_last: the stem
-        # is the widest-resolution layer, and its BN at C_l + C_c channels was 2 % of pnnh56's step.
+        # channels_last-contiguous (the stem's 1-channel image) counts as channels_last: taking the
+        # reference path there cost about 3 % of pnnh56's step (docs/benchmarks.md).
         return (not isinstance(x, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
                 and self.bn.track_running_stats and x.device.type == "cpu"
                 and x.is_contiguous(memory_format=torch.channels_last))
@@ -274,8 +275,8 @@ class PNNHLayer(nn.Module):
         exactly the mirror of ``BN(a)``: one BatchNorm (``self.bn``, over ``a``'s ``C_l + C_c``
         channels, whose running statistics are updated here) whatever path computes it. PyTorch's
         channels_last CPU BatchNorm is vectorised at the stage widths (16/32/64) but not at
-        ``C_l + C_c`` (14/28/56 at the default ratio, 12/24/48 at 0.5): measured 13.3 ms against 2.6 ms per forward+backward at 12 vs 16
-        channels, 2 threads, batch 128 at 28x28.
+        ``C_l + C_c`` (14/28/56 at the default ratio, 12/24/48 at 0.5): measured 13.3 ms against
+        2.6 ms per forward+backward at 12 vs 16 channels, 2 threads, batch 128 at 28x28.
         """
         bn, n = self.bn, self.n_learn
         weight = torch.cat([bn.weight, bn.weight[n:]])
