@@ -63,6 +63,8 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("pnnh-lhe", "pnnh{d}", {"learner_init": "he"}, "mirror coder + He-initialised learner (first default)"),
     Variant("pnnh-lmix0.3", "pnnh{d}", {"learner_mix": 0.3}, "dirac learner + 0.3 x He noise (random features at init)"),
     Variant("pnnh-lmix1", "pnnh{d}", {"learner_mix": 1.0}, "dirac learner + 1.0 x He noise (ResNet's x + F(x) at init)"),
+    Variant("pnnh-lb0.5", "pnnh{d}", {"learner_bias": 0.5}, "dirac learner, BN shift 0.5 (keeps identity features alive)"),
+    Variant("pnnh-lb1", "pnnh{d}", {"learner_bias": 1.0}, "dirac learner, BN shift 1.0 (identity rows near-linear at init)"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),
     Variant("pnnh-tied", "pnnh{d}", {"coder": "tied"}, "tied encoder-decoder coder, summed"),
 ]}

@@ -108,7 +108,7 @@ class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
-                 learner_init: str = "dirac", learner_mix: float = 0.0):
+                 learner_init: str = "dirac", learner_mix: float = 0.0, learner_bias: float = 0.0):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -121,8 +121,10 @@ class CoderSpec:
             raise ConfigError(f"unknown learner_init {learner_init!r}; choose one of {', '.join(LEARNER_INITS)}")
         if not math.isfinite(learner_mix) or learner_mix < 0:
             raise ConfigError(f"learner_mix must be a finite number >= 0, got {learner_mix}")
+        if not math.isfinite(learner_bias):
+            raise ConfigError(f"learner_bias must be a finite number, got {learner_bias}")
         self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
-        self.learner_mix = learner_mix
+        self.learner_mix, self.learner_bias = learner_mix, learner_bias
 
     def split(self, width: int) -> tuple[int, int]:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
@@ -199,7 +201,8 @@ class PNNHLayer(nn.Module):
         _he_(learner, fan_in)
         n_in_learn = self.in_ch - 2 * self.in_code
         m_l = min(self.n_learn, n_in_learn)
-        if spec.learner_init == "dirac" and m_l > 0 and self.in_code > 0:
+        dirac = spec.learner_init == "dirac" and m_l > 0 and self.in_code > 0
+        if dirac:
             # identity on the previous learner channels (a DiracNet-style weight-level path), He beyond
             learner[:m_l].zero_()
             if spec.learner_mix > 0:  # random features on top of the identity (ResNet's x + F(x) at init)
@@ -233,6 +236,11 @@ class PNNHLayer(nn.Module):
                 self._shared._initialised = True
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
+        if dirac and spec.learner_bias != 0:
+            # BN shift of the identity rows: relu(BN(x) + b) with x >= 0 passes every x > 0 once
+            # b >= mean/std of x, so the learner path is not thinned by half at each layer at init
+            # (measured in pnnh56 at b=0: 3.5 % of learner units active at layer 54; b=0.5: 52 %)
+            self.bn.bias[:m_l] = spec.learner_bias
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -445,6 +453,9 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         learner_mix: with ``learner_init="dirac"``, He noise of this scale added to the identity
             rows (over all input channels), so learners start with random features as a ResNet
             block's ``x + F(x)`` does; 0 (default) is the pure identity.
+        learner_bias: with ``learner_init="dirac"``, the initial BatchNorm shift ``beta`` of the
+            identity rows. At 0 (default) each layer's ReLU keeps only the above-mean part of
+            ``BN(x)``, so the identity-carried features thin out with depth; ``b > 0`` keeps them.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -453,9 +464,10 @@ class PNNHNet(PooledClassifierHead, nn.Module):
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
                  coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac",
-                 learner_mix: float = 0.0, stem: str = "auto", img_size: int | None = None, drop_rate: float = 0.0):
+                 learner_mix: float = 0.0, learner_bias: float = 0.0, stem: str = "auto", img_size: int | None = None,
+                 drop_rate: float = 0.0):
         super().__init__()
-        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix)
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias)
         widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem, min_width=2)
         if stem not in ("cifar", "small", "imagenet"):
             raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
@@ -465,7 +477,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
 
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
-        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix)
+        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias)
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
                                       nn.MaxPool2d(3, 2, 1))

@@ -296,3 +296,35 @@ def test_learner_mix_adds_he_noise_of_that_scale_to_the_identity_learner():
     assert abs(noise.std().item() / (0.5 * he_std) - 1) < 0.05
     with pytest.raises(ConfigError, match="learner_mix"):
         pnnh.create_model("pnnh20", learner_mix=-1)
+
+
+def _learner_density_at_last_layer(model: nn.Module, x: torch.Tensor) -> float:
+    layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
+    out = {}
+    layers[-1].register_forward_hook(lambda mod, inp, y: out.update(d=(y[:, :mod.n_learn] > 0).float().mean().item()))
+    model.train()(x)
+    return out["d"]
+
+
+def test_learner_bias_keeps_the_identity_carried_features_alive_with_depth():
+    """At ``learner_bias=0`` each dirac layer's ReLU keeps only the above-mean part of its input,
+    so few learner units are still active 54 layers on; a positive BN shift keeps about half."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28)
+    torch.manual_seed(1)
+    thin = _learner_density_at_last_layer(pnnh.create_model("pnnh56"), x)
+    torch.manual_seed(1)
+    kept = _learner_density_at_last_layer(pnnh.create_model("pnnh56", learner_bias=0.5), x)
+    assert thin < 0.15 and kept > 0.35, (thin, kept)
+
+
+def test_learner_bias_shifts_only_the_identity_rows_and_is_validated():
+    layer = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(learner_bias=0.5))
+    m = layer.n_learn
+    assert torch.all(layer.bn.bias[:m] == 0.5) and torch.all(layer.bn.bias[m:] == 0)
+    he_layer = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(learner_init="he", learner_bias=0.5))
+    assert torch.all(he_layer.bn.bias == 0)  # no identity rows: nothing to keep alive
+    stem = PNNHLayer(1, 16, n_code=2, in_code=0, spec=CoderSpec(learner_bias=0.5))
+    assert torch.all(stem.bn.bias == 0)
+    with pytest.raises(ConfigError, match="learner_bias"):
+        pnnh.create_model("pnnh20", learner_bias=float("nan"))
