@@ -67,6 +67,8 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("pnnh-lmix1", "pnnh{d}", {"learner_mix": 1.0}, "dirac learner + 1.0 x He noise (ResNet's x + F(x) at init)"),
     Variant("pnnh-lb0.5", "pnnh{d}", {"learner_bias": 0.5}, "dirac learner, BN shift 0.5 (keeps identity features alive)"),
     Variant("pnnh-lb1", "pnnh{d}", {"learner_bias": 1.0}, "dirac learner, BN shift 1.0 (identity rows near-linear at init)"),
+    Variant("pnnh-w1.0625", "pnnh{d}", {"width": 1.0625},
+            "default PNNH widened to the ResNet twin's parameter count (17/34/68: 849,195 vs 852,730 at d56)"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),
     Variant("pnnh-tied", "pnnh{d}", {"coder": "tied"}, "tied encoder-decoder coder, summed"),
 ]}
