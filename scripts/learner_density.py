@@ -1,0 +1,56 @@
+"""How many learner units of a fresh PNNH net are active, layer by layer, for several ``learner_bias``.
+
+The dirac learner carries the previous layer's features through ``relu(BN(x) + b)``; at ``b = 0``
+the ReLU keeps only the above-mean part of each channel, so the carried features thin out with
+depth. This prints the active fraction of the learner channels at a few depths and the gradient
+norm of the first and last layer's weight (one batch of Fashion-MNIST training images, batch
+statistics, as the first training step sees them)::
+
+    python scripts/learner_density.py --model pnnh56 --biases -0.5,0,0.5,1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import pnnh
+from pnnh.data.datasets import load_dataset
+from pnnh.models.pnnh_cnn import PNNHLayer
+
+
+def learner_density(model_name: str, bias: float, images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+    """(active fraction of learner units per PNNH layer, first-layer and last-layer weight-gradient norms)."""
+    torch.manual_seed(seed)
+    model = pnnh.create_model(model_name, num_classes=10, in_chans=images.shape[1], learner_bias=bias).train()
+    layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
+    density = [0.0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(
+            lambda mod, inp, out, i=i: density.__setitem__(i, (out[:, : mod.n_learn] > 0).float().mean().item()))
+    F.cross_entropy(model(images), labels).backward()
+    return density, layers[0].weight.grad.norm().item(), layers[-1].weight.grad.norm().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="pnnh56")
+    ap.add_argument("--biases", default="-0.5,0,0.5,1", help="comma-separated learner_bias values")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    ds = load_dataset("fashion-mnist", "train")
+    x = ds.images[: args.images].float().div(255)
+    x = (x - torch.tensor(ds.mean).view(1, -1, 1, 1)) / torch.tensor(ds.std).view(1, -1, 1, 1)
+    y = ds.labels[: args.images]
+    for b in (float(s) for s in args.biases.split(",")):
+        density, g_first, g_last = learner_density(args.model, b, x, y, args.seed)
+        picks = sorted({0, 4, 9, 19, len(density) // 2, len(density) - 1})
+        cols = ", ".join(f"layer {i + 1}: {100 * density[i]:.1f} %" for i in picks)
+        print(f"learner_bias {b:+.2f}  active learner units  {cols}  |  weight-grad norm first {g_first:.3g}, last {g_last:.3g}")
+
+
+if __name__ == "__main__":
+    main()
