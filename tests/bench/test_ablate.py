@@ -73,3 +73,19 @@ def test_side_by_side_throughput_ratios():
     rows = side_by_side_throughput([("resnet20", {"width": 0.25}), ("pnnh20", {"width": 0.25})], batch_size=8,
                                    rounds=1, steps_per_round=1)
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
+
+
+@pytest.mark.parametrize("label, other, tolerance", [
+    ("plain-dirac-eq", "pnnh", 0.01),   # dirac plain at the default PNNH's parameter count
+    ("pnnh-w1.0625", "resnet", 0.005),  # PNNH widened to its ResNet twin's count, not above it
+])
+def test_equal_parameter_variants_match_what_they_say(label, other, tolerance):
+    import pnnh
+
+    def params(v):
+        return sum(p.numel() for p in pnnh.create_model(v.template.format(d=56), **v.kwargs).parameters())
+
+    a, b = params(VARIANTS[label]), params(VARIANTS[other])
+    assert abs(a - b) <= tolerance * b, (a, b)
+    if label == "pnnh-w1.0625":
+        assert a <= b
