@@ -3,7 +3,7 @@
 The dirac learner carries the previous layer's features through ``relu(BN(x) + b)``; at ``b = 0``
 the ReLU keeps only the above-mean part of each channel, so the carried features thin out with
 depth. This prints the active fraction of the learner channels at a few depths and the gradient
-norm of the first and last layer's weight (one batch of Fashion-MNIST training images, batch
+norm of the first and last layer's weight (a random batch of Fashion-MNIST training images, batch
 statistics, as the first training step sees them)::
 
     python scripts/learner_density.py --model pnnh56 --biases -0.5,0,0.5,1
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import pnnh
-from pnnh.data.datasets import load_dataset
+from pnnh.analysis.diagnose import load_images
+from pnnh.analysis.probes import learner_activity
 from pnnh.models.pnnh_cnn import PNNHLayer
 
 
@@ -26,11 +27,8 @@ def learner_density(model_name: str, bias: float, images: torch.Tensor, labels: 
     torch.manual_seed(seed)
     model = pnnh.create_model(model_name, num_classes=10, in_chans=images.shape[1], learner_bias=bias).train()
     layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
-    density = [0.0] * len(layers)
-    for i, layer in enumerate(layers):
-        layer.register_forward_hook(
-            lambda mod, inp, out, i=i: density.__setitem__(i, (out[:, : mod.n_learn] > 0).float().mean().item()))
-    F.cross_entropy(model(images), labels).backward()
+    density, logits = learner_activity(model, images)
+    F.cross_entropy(logits, labels).backward()
     return density, layers[0].weight.grad.norm().item(), layers[-1].weight.grad.norm().item()
 
 
@@ -41,10 +39,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    ds = load_dataset("fashion-mnist", "train")
-    x = ds.images[: args.images].float().div(255)
-    x = (x - torch.tensor(ds.mean).view(1, -1, 1, 1)) / torch.tensor(ds.std).view(1, -1, 1, 1)
-    y = ds.labels[: args.images]
+    x, y, _ = load_images("fashion-mnist", args.images, split="train", seed=args.seed)
     for b in (float(s) for s in args.biases.split(",")):
         density, g_first, g_last = learner_density(args.model, b, x, y, args.seed)
         picks = sorted({0, 4, 9, 19, len(density) // 2, len(density) - 1})

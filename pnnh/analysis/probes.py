@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import ConfigError
 
 __all__ = ["get_blocks", "activation_modules", "branch_end", "is_weight_layer", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
-           "ProbeTap", "Probe", "PROBE_MODES"]
+           "ProbeTap", "Probe", "PROBE_MODES", "learner_activity"]
 
 PROBE_MODES = ("auto", "blocks", "layers")
 
@@ -284,3 +284,29 @@ class ProbeTap:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def learner_activity(model: nn.Module, x: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+    """Share of active (> 0) *learner* units in each PNNH layer of ``model``, in forward order, and its output.
+
+    One forward pass in the model's current mode (train: batch statistics, as a training step sees
+    them); the output is returned so a caller can also take gradients. The learner channels come
+    first in a PNNH layer's output (``[learner | relu(e) | relu(-e)]``).
+    """
+    from ..models.pnnh_cnn import PNNHLayer
+
+    layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no PNNH layers")
+    active = [float("nan")] * len(layers)
+
+    def tap(i: int):
+        return lambda mod, inp, out: active.__setitem__(i, (out[:, : mod.n_learn] > 0).float().mean().item())
+
+    handles = [layer.register_forward_hook(tap(i)) for i, layer in enumerate(layers)]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return active, out

@@ -240,7 +240,7 @@ class PNNHLayer(nn.Module):
             # BN shift of the identity rows: relu(BN(x) + b) with x >= 0 passes every x > 0 once
             # b >= mean/std of x, so the learner path is not thinned by half at each layer at init
             # (pnnh56 at init, scripts/learner_density.py: 3.4 % of learner units active in the last layer at
-            # b=0, 52 % at b=0.5)
+            # b=0, 53 % at b=0.5). It trains worse (docs/pnnh.md): an option to study, not a remedy.
             self.bn.bias[:m_l] = spec.learner_bias
 
     # -- forward -------------------------------------------------------------------------------
@@ -456,7 +456,8 @@ class PNNHNet(PooledClassifierHead, nn.Module):
             block's ``x + F(x)`` does; 0 (default) is the pure identity.
         learner_bias: with ``learner_init="dirac"``, the initial BatchNorm shift ``beta`` of the
             identity rows. At 0 (default) each layer's ReLU keeps only the above-mean part of
-            ``BN(x)``, so the identity-carried features thin out with depth; ``b > 0`` keeps them.
+            ``BN(x)``, so the identity-carried features thin out with depth; ``b > 0`` keeps them
+            (and trained worse at 0.5: docs/pnnh.md).
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.

@@ -75,11 +75,11 @@ def test_side_by_side_throughput_ratios():
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
 
 
-@pytest.mark.parametrize("label, other, tolerance", [
-    ("plain-dirac-eq", "pnnh", 0.01),   # dirac plain at the default PNNH's parameter count
-    ("pnnh-w1.0625", "resnet", 0.005),  # PNNH widened to its ResNet twin's count, not above it
+@pytest.mark.parametrize("label, other, tolerance, at_most", [
+    ("plain-dirac-eq", "pnnh", 0.01, False),   # dirac plain at the default PNNH's parameter count
+    ("pnnh-w1.0625", "resnet", 0.005, True),   # PNNH widened to its ResNet twin's count, not above it
 ])
-def test_equal_parameter_variants_match_what_they_say(label, other, tolerance):
+def test_equal_parameter_variants_match_what_they_say(label, other, tolerance, at_most):
     import pnnh
 
     def params(v):
@@ -87,5 +87,4 @@ def test_equal_parameter_variants_match_what_they_say(label, other, tolerance):
 
     a, b = params(VARIANTS[label]), params(VARIANTS[other])
     assert abs(a - b) <= tolerance * b, (a, b)
-    if label == "pnnh-w1.0625":
-        assert a <= b
+    assert a <= b or not at_most, (a, b)

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pnnh
+from pnnh.analysis.probes import learner_activity
 from pnnh.errors import ConfigError
 from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
 
@@ -298,24 +299,18 @@ def test_learner_mix_adds_he_noise_of_that_scale_to_the_identity_learner():
         pnnh.create_model("pnnh20", learner_mix=-1)
 
 
-def _learner_density_at_last_layer(model: nn.Module, x: torch.Tensor) -> float:
-    layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
-    out = {}
-    layers[-1].register_forward_hook(lambda mod, inp, y: out.update(d=(y[:, :mod.n_learn] > 0).float().mean().item()))
-    model.train()(x)
-    return out["d"]
-
-
 def test_learner_bias_keeps_the_identity_carried_features_alive_with_depth():
     """At ``learner_bias=0`` each dirac layer's ReLU keeps only the above-mean part of its input,
     so few learner units are still active 54 layers on; a positive BN shift keeps about half."""
     torch.manual_seed(0)
     x = torch.randn(64, 1, 28, 28)
     torch.manual_seed(1)
-    thin = _learner_density_at_last_layer(pnnh.create_model("pnnh56"), x)
+    thin = learner_activity(pnnh.create_model("pnnh56").train(), x)[0][-1]
     torch.manual_seed(1)
-    kept = _learner_density_at_last_layer(pnnh.create_model("pnnh56", learner_bias=0.5), x)
+    kept = learner_activity(pnnh.create_model("pnnh56", learner_bias=0.5).train(), x)[0][-1]
     assert thin < 0.15 and kept > 0.35, (thin, kept)
+    with pytest.raises(ConfigError, match="no PNNH layers"):
+        learner_activity(pnnh.create_model("plain20"), x)
 
 
 def test_learner_bias_shifts_only_the_identity_rows_and_is_validated():
