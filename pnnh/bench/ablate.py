@@ -69,6 +69,8 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("pnnh-lb1", "pnnh{d}", {"learner_bias": 1.0}, "dirac learner, BN shift 1.0 (identity rows near-linear at init)"),
     Variant("pnnh-w1.0625", "pnnh{d}", {"width": 1.0625},
             "default PNNH widened to the ResNet twin's parameter count (17/34/68: 849,195 vs 852,730 at d56)"),
+    Variant("pnnh-diracp", "pnnh{d}", {"path_param": "dirac"},
+            "internal path kept in the parametrisation: W = alpha P + beta V/|V| (DiracNets)"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),
     Variant("pnnh-tied", "pnnh{d}", {"coder": "tied"}, "tied encoder-decoder coder, summed"),
 ]}

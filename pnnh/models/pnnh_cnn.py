@@ -48,6 +48,7 @@ __all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "Cod
 CODERS = ("mirror", "shared", "tied")
 CODER_INITS = ("identity", "orthogonal", "he")
 LEARNER_INITS = ("he", "dirac")
+PATH_PARAMS = ("init", "dirac")
 
 
 def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
@@ -108,7 +109,8 @@ class CoderSpec:
     """The coder options shared by every layer of a net (a plain record, validated once)."""
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
-                 learner_init: str = "dirac", learner_mix: float = 0.0, learner_bias: float = 0.0):
+                 learner_init: str = "dirac", learner_mix: float = 0.0, learner_bias: float = 0.0,
+                 path_param: str = "init"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -124,7 +126,11 @@ class CoderSpec:
         if not math.isfinite(learner_bias):
             raise ConfigError(f"learner_bias must be a finite number, got {learner_bias}")
         self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
-        self.learner_mix, self.learner_bias = learner_mix, learner_bias
+        if path_param not in PATH_PARAMS:
+            raise ConfigError(f"unknown path_param {path_param!r}; choose one of {', '.join(PATH_PARAMS)}")
+        if path_param == "dirac" and coder != "mirror":
+            raise ConfigError("path_param='dirac' needs coder='mirror' (one weight per layer to reparametrise)")
+        self.learner_mix, self.learner_bias, self.path_param = learner_mix, learner_bias, path_param
 
     def split(self, width: int) -> tuple[int, int]:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
@@ -176,6 +182,11 @@ class PNNHLayer(nn.Module):
                 raise ConfigError("shared coder weight has the wrong shape for this layer")
             self.weight = nn.Parameter(torch.empty(self.n_learn, in_ch, k, k))
             self.__dict__["_shared"] = shared  # referenced, not registered: one copy in the state dict
+        if spec.path_param == "dirac":
+            # W = diag(alpha) P + diag(beta) V / |V| (DiracNets): P, the fixed internal-path kernel, is a buffer
+            self.register_buffer("path", torch.zeros(n_conv, in_ch, k, k))
+            self.path_scale = nn.Parameter(torch.ones(n_conv))
+            self.weight_scale = nn.Parameter(torch.full((n_conv,), 0.1))
         self.bn = nn.BatchNorm2d(n_conv)
         self.act = nn.ReLU(inplace=True)
         self.reset_parameters(spec)
@@ -183,6 +194,9 @@ class PNNHLayer(nn.Module):
     # -- weights ---------------------------------------------------------------------------------
     def conv_weight(self) -> torch.Tensor:
         """``[W_l; W_c]``: the ``C_l + C_c`` trained filters (one tensor, possibly a shared part)."""
+        if "path" in self._buffers:  # path_param="dirac"
+            v = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight)
+            return self.path * self.path_scale.view(-1, 1, 1, 1) + v * self.weight_scale.view(-1, 1, 1, 1)
         if self._shared is None:
             return self.weight
         return torch.cat([self.weight, self._shared.weight], 0)
@@ -234,6 +248,21 @@ class PNNHLayer(nn.Module):
                     _he_(coder[:m, :n_in_learn], fan_in, spec.mix)
             if self._shared is not None:
                 self._shared._initialised = True
+        if "path" in self._buffers:
+            # the identity entries set above become the fixed path P; the trained V is He everywhere
+            c = k // 2
+            path = torch.zeros_like(self.weight)
+            if dirac:
+                path[:m_l, :m_l, c, c] = torch.eye(m_l)
+            if coder is not None and spec.init != "he" and min(self.n_code, self.in_code) > 0:
+                m = min(self.n_code, self.in_code)
+                rows = slice(self.n_learn, self.n_learn + m)
+                path[rows, n_in_learn:n_in_learn + m, c, c] = q
+                path[rows, n_in_learn + self.in_code:n_in_learn + self.in_code + m, c, c] = -q
+            self.path.copy_(path)
+            _he_(self.weight, fan_in)
+            nn.init.ones_(self.path_scale)
+            nn.init.constant_(self.weight_scale, 0.1)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
         if dirac and spec.learner_bias != 0:
@@ -458,6 +487,13 @@ class PNNHNet(PooledClassifierHead, nn.Module):
             identity rows. At 0 (default) each layer's ReLU keeps only the above-mean part of
             ``BN(x)``, so the identity-carried features thin out with depth; ``b > 0`` keeps them
             (and trained worse at 0.5: docs/pnnh.md).
+        path_param: ``"init"`` (default): the internal path is where the weights *start* (identity
+            entries of the init) and training may move it. ``"dirac"``: it is kept in the weights'
+            parametrisation, as in DiracNets (Zagoruyko & Komodakis 2017):
+            ``W = diag(alpha) P + diag(beta) V / |V|`` per output filter, ``P`` the fixed path kernel
+            (a buffer: the identity entries of ``learner_init``/``coder_init``), ``V`` trained from He,
+            ``alpha = 1`` and ``beta = 0.1`` at init (1-D, so no weight decay). Still one conv per
+            layer; it folds like any other (``deploy``).
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -466,10 +502,11 @@ class PNNHNet(PooledClassifierHead, nn.Module):
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
                  coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac",
-                 learner_mix: float = 0.0, learner_bias: float = 0.0, stem: str = "auto", img_size: int | None = None,
+                 learner_mix: float = 0.0, learner_bias: float = 0.0, path_param: str = "init", stem: str = "auto",
+                 img_size: int | None = None,
                  drop_rate: float = 0.0):
         super().__init__()
-        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias)
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias, path_param)
         widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem, min_width=2)
         if stem not in ("cifar", "small", "imagenet"):
             raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
@@ -479,7 +516,8 @@ class PNNHNet(PooledClassifierHead, nn.Module):
 
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
-        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias)
+        stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias,
+                              path_param)
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
                                       nn.MaxPool2d(3, 2, 1))
