@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import pnnh
 from pnnh.analysis.probes import learner_activity
+from pnnh.analysis.structure import is_plain
 from pnnh.errors import ConfigError
 from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
 
@@ -323,3 +324,42 @@ def test_learner_bias_shifts_only_the_identity_rows_and_is_validated():
     assert torch.all(stem.bn.bias == 0)
     with pytest.raises(ConfigError, match="learner_bias"):
         pnnh.create_model("pnnh20", learner_bias=float("nan"))
+
+
+def test_dirac_path_param_keeps_the_identity_as_a_buffer_and_computes_the_filters():
+    """``path_param="dirac"``: ``W = diag(alpha) P + diag(beta) V/|V|`` with ``P`` the identity entries
+    of the init (learner eye, coder +I/-I), fixed; ``V`` trained; one conv per layer as before."""
+    layer = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="dirac"))
+    ref = PNNHLayer(64, 64, n_code=8, in_code=8)  # the same identity entries as a plain init
+    path = (ref.weight.detach() != 0) & (ref.weight.detach().abs() == 1)
+    assert torch.equal(layer.path != 0, path) and torch.equal(layer.path[path], ref.weight.detach()[path])
+    assert "path" in layer.state_dict() and not layer.path.requires_grad
+    w = layer.conv_weight()
+    v = layer.weight.detach().flatten(1)
+    expected = layer.path + 0.1 * (v / v.norm(dim=1, keepdim=True)).view_as(layer.weight)
+    torch.testing.assert_close(w.detach(), expected)
+    # the identity survives a large step on V: only beta * V/|V| (norm 0.1 per filter) moves
+    with torch.no_grad():
+        layer.weight.mul_(-50.0).add_(torch.randn_like(layer.weight))
+    drift = (layer.conv_weight().detach() - layer.path).flatten(1).norm(dim=1)
+    torch.testing.assert_close(drift, torch.full_like(drift, 0.1))
+
+
+def test_dirac_path_param_trains_folds_and_is_validated():
+    torch.manual_seed(0)
+    m = pnnh.create_model("pnnh20", path_param="dirac")
+    x = torch.randn(16, 1, 28, 28)
+    m.train()
+    out_ref = m(x)
+    out_cl = m(x.contiguous(memory_format=torch.channels_last))  # the tied-conv fast path, same function
+    torch.testing.assert_close(out_cl, out_ref, atol=1e-4, rtol=1e-4)
+    out_cl.square().mean().backward()
+    layer = m.stages[1][1].layers[0]
+    assert layer.path_scale.grad.abs().sum() > 0 and layer.weight_scale.grad.abs().sum() > 0
+    m.eval()
+    torch.testing.assert_close(pnnh.deploy(m)(x), m(x), atol=1e-4, rtol=1e-4)
+    assert is_plain(m, x)
+    with pytest.raises(ConfigError, match="path_param"):
+        pnnh.create_model("pnnh20", path_param="identity")
+    with pytest.raises(ConfigError, match="coder='mirror'"):
+        pnnh.create_model("pnnh20", path_param="dirac", coder="tied")
