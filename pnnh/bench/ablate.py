@@ -53,6 +53,8 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
             "plain twin, dirac init, width 0.866: the parameters of pnnh r=0.5 (the first default)"),
     Variant("plain-dirac-eq", "plain{d}", {"init": "dirac", "width": 0.9375},
             "dirac plain at the parameters of default PNNH (15/30/60 channels: 749,755 vs 746,220 at d56)"),
+    Variant("plain-diracp-eq", "plain{d}", {"init": "dirac_param", "width": 0.9375},
+            "DiracNet plain (identity kept in the parametrisation) at default PNNH's width (753,535 at d56)"),
     Variant("llplain", "llplain{d}", {}, "looks-linear plain: all channels mirrored CReLU, identity init (r=1)"),
     Variant("pnnh", "pnnh{d}", {}, "PNNH default"),
     Variant("pnnh-mix0", "pnnh{d}", {"coder_mix": 0.0}, "mirror coder reading only the previous code"),

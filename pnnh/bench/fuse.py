@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 
@@ -272,6 +273,25 @@ def _as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
     return nn.Sequential(layers)
 
 
+@torch.no_grad()
+def _bake_parametrized_convs(model: nn.Module) -> None:
+    """Replace every parametrised conv (``DiracWeight`` ...) by a plain ``nn.Conv2d`` holding its weight.
+
+    Not ``parametrize.remove_parametrizations``: it edits the module's generated class, which a
+    ``deepcopy`` shares with the original model, so the caller's model would lose its ``weight``.
+    """
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m):
+                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                                 m.groups, m.bias is not None, m.padding_mode,
+                                 device=m.weight.device, dtype=m.weight.dtype)
+                conv.weight.copy_(m.weight)
+                if m.bias is not None:
+                    conv.bias.copy_(m.bias)
+                setattr(parent, name, conv)
+
+
 def deploy(model: nn.Module, *, chain: bool = True, fuse_relu: bool = True, channels_last: bool = True) -> nn.Module:
     """An inference-only copy of ``model`` with BatchNorm folded away (see the module docstring).
 
@@ -289,6 +309,7 @@ def deploy(model: nn.Module, *, chain: bool = True, fuse_relu: bool = True, chan
         ConfigError: the model cannot be traced by ``torch.fx`` (data-dependent control flow).
     """
     src = copy.deepcopy(model).eval()
+    _bake_parametrized_convs(src)
     try:
         graph = _DeployTracer().trace(src)
     except Exception as e:  # fx raises many types for untraceable code; report it as one clear error

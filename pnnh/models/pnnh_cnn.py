@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import PooledClassifierHead, cnn_layout
+from .layers import PooledClassifierHead, cnn_layout, dirac_weight
 
 __all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
            "cifar_pnnh", "imagenet_pnnh"]
@@ -195,8 +195,7 @@ class PNNHLayer(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         """``[W_l; W_c]``: the ``C_l + C_c`` trained filters (one tensor, possibly a shared part)."""
         if "path" in self._buffers:  # path_param="dirac"
-            v = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight)
-            return self.path * self.path_scale.view(-1, 1, 1, 1) + v * self.weight_scale.view(-1, 1, 1, 1)
+            return dirac_weight(self.path, self.path_scale, self.weight, self.weight_scale)
         if self._shared is None:
             return self.weight
         return torch.cat([self.weight, self._shared.weight], 0)

@@ -172,8 +172,10 @@ class ResNet(PooledClassifierHead, nn.Module):
         width: multiplier on the stage widths (a float; ``k`` of a wide ResNet).
         stem: ``"auto"``, ``"cifar"`` (3x3 stride 1), ``"imagenet"`` (7x7 s2 + max-pool) or
             ``"small"`` (3x3 stride 1, for 28-64 px inputs in the ImageNet layout).
-        init: ``"he"`` (default), ``"dirac"`` (identity on same-shape 3x3 convs) or
-            ``"delta_orthogonal"``; see :func:`pnnh.models.layers.init_weights`.
+        init: ``"he"`` (default), ``"dirac"`` (identity on same-shape 3x3 convs),
+            ``"dirac_param"`` (that identity kept in the parametrisation of every 3x3 conv but the
+            stem's, DiracNets: :class:`pnnh.models.layers.DiracWeight`) or ``"delta_orthogonal"``;
+            see :func:`pnnh.models.layers.init_weights`.
         zero_init_residual: start every residual branch's last norm at 0 (Goyal et al.), so each
             block begins as its shortcut. Ignored by plain twins, where it would cut the signal.
         img_size: default input size recorded in ``default_cfg`` (and used by ``stem="auto"``).

@@ -62,6 +62,47 @@ def test_dirac_init_plain_net_starts_as_per_channel_chain():
     assert torch.equal(down[:16, :, 1, 1], torch.eye(16)) and down[16:].std() > 0
 
 
+def test_dirac_param_plain_net_keeps_the_identity_in_the_weights_and_deploys(tmp_path):
+    """``init="dirac_param"`` (DiracNets): every 3x3 conv but the stem's computes
+    ``alpha * dirac + beta * V/|V|``; a step on ``V`` cannot remove the identity; the net stays
+    plain, trains through the parametrisation, saves and loads, and deploys without touching the
+    caller's model (a deepcopy shares the parametrised class)."""
+    from safetensors.torch import load_file, save_file
+
+    from pnnh.analysis.structure import is_plain
+
+    torch.manual_seed(0)
+    m = pnnh.create_model("plain20", init="dirac_param")
+    conv = m.stages[0][1].conv1
+    assert not nn.utils.parametrize.is_parametrized(m.stem[0]) and nn.utils.parametrize.is_parametrized(conv)
+    eye = torch.zeros_like(conv.weight)
+    eye[:, :, 1, 1] = torch.eye(16)
+    v = conv.parametrizations.weight.original
+    torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.full((16,), 0.1))
+    torch.testing.assert_close(conv.weight.detach(), eye + v.detach())  # V/|V| * 0.1 = V at init
+    with torch.no_grad():
+        v.mul_(-100.0)
+    off = (conv.weight.detach() - eye).flatten(1).norm(dim=1)
+    torch.testing.assert_close(off, torch.full((16,), 0.1))  # a large step on V: the identity stays
+    down = m.stages[1][0].conv1  # 16 -> 32: identity on the first 16 outputs, only V beyond
+    assert torch.equal(down.parametrizations.weight[0].path[16:], torch.zeros(16, 16, 3, 3))
+
+    x = torch.randn(8, 1, 28, 28)
+    assert is_plain(m, x)
+    m.train()
+    m(x).square().mean().backward()
+    assert conv.parametrizations.weight[0].beta.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+    m.eval()
+    expected = m(x)
+    deployed = pnnh.deploy(m)
+    torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m(x), expected)  # the caller's model still works after deploy
+    save_file(m.state_dict(), tmp_path / "m.safetensors")
+    fresh = pnnh.create_model("plain20", init="dirac_param").eval()
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    torch.testing.assert_close(fresh(x), expected)
+
+
 def test_zero_init_residual_makes_blocks_identity_on_branch():
     m = pnnh.create_model("resnet20", zero_init_residual=True)
     assert all(b.bn2.weight.abs().sum() == 0 for b in m.blocks())
