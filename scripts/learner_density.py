@@ -7,6 +7,9 @@ norm of the first and last layer's weight (a random batch of Fashion-MNIST train
 statistics, as the first training step sees them)::
 
     python scripts/learner_density.py --model pnnh56 --biases -0.5,0,0.5,1
+
+``--path-param init`` (the default here) is the net measured in session 4 (docs/pnnh.md); with
+``dirac`` (the model default since session 5) the gradients are those of ``V``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pnnh.analysis.probes import learner_activity
 from pnnh.models.pnnh_cnn import PNNHLayer
 
 
-def learner_density(model_name: str, bias: float, images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+def learner_density(model_name: str, bias: float, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                    path_param: str = "init"):
     """(active fraction of learner units per PNNH layer, first-layer and last-layer weight-gradient norms)."""
     torch.manual_seed(seed)
-    model = pnnh.create_model(model_name, num_classes=10, in_chans=images.shape[1], learner_bias=bias).train()
+    model = pnnh.create_model(model_name, num_classes=10, in_chans=images.shape[1], learner_bias=bias,
+                              path_param=path_param).train()
     layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
     density, logits = learner_activity(model, images)
     F.cross_entropy(logits, labels).backward()
@@ -38,10 +43,11 @@ def main() -> None:
     ap.add_argument("--biases", default="-0.5,0,0.5,1", help="comma-separated learner_bias values")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--path-param", default="init", choices=["init", "dirac"])
     args = ap.parse_args()
     x, y, _ = load_images("fashion-mnist", args.images, split="train", seed=args.seed)
     for b in (float(s) for s in args.biases.split(",")):
-        density, g_first, g_last = learner_density(args.model, b, x, y, args.seed)
+        density, g_first, g_last = learner_density(args.model, b, x, y, args.seed, args.path_param)
         picks = sorted({0, 4, 9, 19, len(density) // 2, len(density) - 1})
         cols = ", ".join(f"layer {i + 1}: {100 * density[i]:.1f} %" for i in picks)
         print(f"learner_bias {b:+.2f}  active learner units  {cols}  |  weight-grad norm first {g_first:.3g}, last {g_last:.3g}")

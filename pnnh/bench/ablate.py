@@ -45,6 +45,13 @@ class Variant:
         return self.template.format(d=depth)
 
 
+def _s4(**kwargs) -> dict:
+    """PNNH options on the session-4 default: the internal path only in the init (``path_param="init"``).
+    Every PNNH variant measured before ``path_param="dirac"`` became the default pins it, so its
+    runs keep their meaning (and their recorded configs) under the new default."""
+    return {**kwargs, "path_param": "init"}
+
+
 VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("resnet", "resnet{d}", {}, "ResNet twin (option-A shortcuts)"),
     Variant("plain", "plain{d}", {}, "plain twin, He init"),
@@ -52,25 +59,25 @@ VARIANTS: dict[str, Variant] = {v.label: v for v in [
     Variant("plain-dirac-eqp", "plain{d}", {"init": "dirac", "width": 0.866},
             "plain twin, dirac init, width 0.866: the parameters of pnnh r=0.5 (the first default)"),
     Variant("plain-dirac-eq", "plain{d}", {"init": "dirac", "width": 0.9375},
-            "dirac plain at the parameters of default PNNH (15/30/60 channels: 749,755 vs 746,220 at d56)"),
+            "dirac plain at the parameters of the session-4 default PNNH (15/30/60: 749,755 vs 746,220 at d56)"),
     Variant("plain-diracp-eq", "plain{d}", {"init": "dirac_param", "width": 0.9375},
             "DiracNet plain (identity kept in the parametrisation) at default PNNH's width (753,535 at d56)"),
     Variant("llplain", "llplain{d}", {}, "looks-linear plain: all channels mirrored CReLU, identity init (r=1)"),
     Variant("pnnh", "pnnh{d}", {}, "PNNH default"),
-    Variant("pnnh-mix0", "pnnh{d}", {"coder_mix": 0.0}, "mirror coder reading only the previous code"),
-    Variant("pnnh-mix0.3", "pnnh{d}", {"coder_mix": 0.3}, "mirror coder, larger learner->coder mix"),
-    Variant("pnnh-r0.25", "pnnh{d}", {"coder_ratio": 0.25}, "mirror coder, ratio 0.25 (the default since session 2)"),
-    Variant("pnnh-r0.5", "pnnh{d}", {"coder_ratio": 0.5}, "mirror coder, ratio 0.5 (the first default)"),
-    Variant("pnnh-r0.75", "pnnh{d}", {"coder_ratio": 0.75}, "mirror coder, ratio 0.75"),
-    Variant("pnnh-orth", "pnnh{d}", {"coder_init": "orthogonal"}, "mirror coder, orthogonal coder init"),
-    Variant("pnnh-he", "pnnh{d}", {"coder_init": "he"}, "mirror coder, He coder init (no path at init)"),
-    Variant("pnnh-lhe", "pnnh{d}", {"learner_init": "he"}, "mirror coder + He-initialised learner (first default)"),
-    Variant("pnnh-lmix0.3", "pnnh{d}", {"learner_mix": 0.3}, "dirac learner + 0.3 x He noise (random features at init)"),
-    Variant("pnnh-lmix1", "pnnh{d}", {"learner_mix": 1.0}, "dirac learner + 1.0 x He noise (ResNet's x + F(x) at init)"),
-    Variant("pnnh-lb0.5", "pnnh{d}", {"learner_bias": 0.5}, "dirac learner, BN shift 0.5 (keeps identity features alive)"),
-    Variant("pnnh-lb1", "pnnh{d}", {"learner_bias": 1.0}, "dirac learner, BN shift 1.0 (identity rows near-linear at init)"),
-    Variant("pnnh-w1.0625", "pnnh{d}", {"width": 1.0625},
-            "default PNNH widened to the ResNet twin's parameter count (17/34/68: 849,195 vs 852,730 at d56)"),
+    Variant("pnnh-mix0", "pnnh{d}", _s4(coder_mix=0.0), "mirror coder reading only the previous code"),
+    Variant("pnnh-mix0.3", "pnnh{d}", _s4(coder_mix=0.3), "mirror coder, larger learner->coder mix"),
+    Variant("pnnh-r0.25", "pnnh{d}", _s4(coder_ratio=0.25), "mirror coder, ratio 0.25 (the default in sessions 2-4)"),
+    Variant("pnnh-r0.5", "pnnh{d}", _s4(coder_ratio=0.5), "mirror coder, ratio 0.5 (the first default)"),
+    Variant("pnnh-r0.75", "pnnh{d}", _s4(coder_ratio=0.75), "mirror coder, ratio 0.75"),
+    Variant("pnnh-orth", "pnnh{d}", _s4(coder_init="orthogonal"), "mirror coder, orthogonal coder init"),
+    Variant("pnnh-he", "pnnh{d}", _s4(coder_init="he"), "mirror coder, He coder init (no path at init)"),
+    Variant("pnnh-lhe", "pnnh{d}", _s4(learner_init="he"), "mirror coder + He-initialised learner (first default)"),
+    Variant("pnnh-lmix0.3", "pnnh{d}", _s4(learner_mix=0.3), "dirac learner + 0.3 x He noise (random features at init)"),
+    Variant("pnnh-lmix1", "pnnh{d}", _s4(learner_mix=1.0), "dirac learner + 1.0 x He noise (ResNet's x + F(x) at init)"),
+    Variant("pnnh-lb0.5", "pnnh{d}", _s4(learner_bias=0.5), "dirac learner, BN shift 0.5 (keeps identity features alive)"),
+    Variant("pnnh-lb1", "pnnh{d}", _s4(learner_bias=1.0), "dirac learner, BN shift 1.0 (identity rows near-linear at init)"),
+    Variant("pnnh-w1.0625", "pnnh{d}", _s4(width=1.0625),
+            "session-4 default PNNH widened to the ResNet twin's parameter count (17/34/68: 849,195 vs 852,730 at d56)"),
     Variant("pnnh-diracp", "pnnh{d}", {"path_param": "dirac"},
             "internal path kept in the parametrisation: W = alpha P + beta V/|V| (DiracNets)"),
     Variant("pnnh-shared", "pnnh{d}", {"coder": "shared"}, "stage-shared mirror coder"),

@@ -48,7 +48,7 @@ __all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "Cod
 CODERS = ("mirror", "shared", "tied")
 CODER_INITS = ("identity", "orthogonal", "he")
 LEARNER_INITS = ("he", "dirac")
-PATH_PARAMS = ("init", "dirac")
+PATH_PARAMS = ("auto", "init", "dirac")
 
 
 def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
@@ -110,7 +110,7 @@ class CoderSpec:
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
                  learner_init: str = "dirac", learner_mix: float = 0.0, learner_bias: float = 0.0,
-                 path_param: str = "init"):
+                 path_param: str = "auto"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         if not 0.0 <= ratio <= 1.0:
@@ -128,6 +128,8 @@ class CoderSpec:
         self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
         if path_param not in PATH_PARAMS:
             raise ConfigError(f"unknown path_param {path_param!r}; choose one of {', '.join(PATH_PARAMS)}")
+        if path_param == "auto":  # the mirrored coder keeps its path in the parametrisation (docs/pnnh.md)
+            path_param = "dirac" if coder == "mirror" else "init"
         if path_param == "dirac" and coder != "mirror":
             raise ConfigError("path_param='dirac' needs coder='mirror' (one weight per layer to reparametrise)")
         self.learner_mix, self.learner_bias, self.path_param = learner_mix, learner_bias, path_param
@@ -490,13 +492,15 @@ class PNNHNet(PooledClassifierHead, nn.Module):
             identity rows. At 0 (default) each layer's ReLU keeps only the above-mean part of
             ``BN(x)``, so the identity-carried features thin out with depth; ``b > 0`` keeps them
             (and trained worse at 0.5: docs/pnnh.md).
-        path_param: ``"init"`` (default): the internal path is where the weights *start* (identity
-            entries of the init) and training may move it. ``"dirac"``: it is kept in the weights'
-            parametrisation, as in DiracNets (Zagoruyko & Komodakis 2017):
-            ``W = diag(alpha) P + diag(beta) V / |V|`` per output filter, ``P`` the fixed path kernel
-            (a buffer: the identity entries of ``learner_init``/``coder_init``), ``V`` trained from He,
+        path_param: ``"dirac"``: the internal path is kept in the weights' parametrisation, as in
+            DiracNets (Zagoruyko & Komodakis 2017): ``W = diag(alpha) P + diag(beta) V / |V|`` per
+            output filter, ``P`` the fixed path kernel (a buffer: the identity entries of
+            ``learner_init``/``coder_init``), ``V`` trained (He directions at filter norm 0.1),
             ``alpha = 1`` and ``beta = 0.1`` at init (1-D, so no weight decay). Still one conv per
-            layer; it folds like any other (``deploy``).
+            layer; it folds like any other (``deploy``). ``"init"``: the path is only where the
+            weights *start* and training may move it (the default up to session 4). ``"auto"``
+            (default): ``"dirac"`` for the mirrored coder, chosen by ``pnnh ablate`` (5 epochs, depth
+            56, 3 seeds: docs/pnnh.md), ``"init"`` for ``shared``/``tied``, which it does not support.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -505,7 +509,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
                  coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac",
-                 learner_mix: float = 0.0, learner_bias: float = 0.0, path_param: str = "init", stem: str = "auto",
+                 learner_mix: float = 0.0, learner_bias: float = 0.0, path_param: str = "auto", stem: str = "auto",
                  img_size: int | None = None,
                  drop_rate: float = 0.0):
         super().__init__()
@@ -520,7 +524,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
         stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias,
-                              path_param)
+                              spec.path_param)  # as resolved for the net's coder
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
                                       nn.MaxPool2d(3, 2, 1))
@@ -593,6 +597,7 @@ def _looks_linear(builder):
         for k in ("coder", "coder_ratio"):
             if k in kwargs:
                 raise ConfigError(f"llplain models fix {k}; use pnnh* with coder_ratio=1.0 to vary it")
+        kwargs.setdefault("path_param", "init")  # the literature's looks-linear net: an init, not a parametrisation
         return builder(coder="mirror", coder_ratio=1.0, **kwargs)
 
     return build

@@ -59,7 +59,9 @@ def _codes(model, x):
 
 
 def test_identity_coder_carries_the_code_unchanged_through_the_relus():
-    m = pnnh.create_model("pnnh20", coder_mix=0.0).train()  # batch statistics: BN of a unit code is ~identity
+    # the path in the init alone (with path_param="dirac" the coder starts at P + 0.1 V/|V|, not exactly P);
+    # batch statistics: BN of a unit code is ~identity
+    m = pnnh.create_model("pnnh20", coder_mix=0.0, path_param="init").train()
     codes = _codes(m, torch.randn(16, 1, 28, 28))
     stem, stage1_last, transition = codes[0], codes[6], codes[7]
     assert torch.allclose(stem, stage1_last, atol=1e-3)  # 6 layers later, the same tensor
@@ -288,8 +290,8 @@ def test_a_one_channel_batch_keeps_the_whole_net_on_the_channels_last_path():
 
 def test_learner_mix_adds_he_noise_of_that_scale_to_the_identity_learner():
     torch.manual_seed(0)
-    pure = PNNHLayer(64, 64, n_code=8, in_code=8)
-    noisy = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(learner_mix=0.5))
+    pure = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="init"))
+    noisy = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(learner_mix=0.5, path_param="init"))
     m = pure.n_learn
     assert torch.equal(pure.weight[:m, :m, 1, 1], torch.eye(m))
     assert torch.count_nonzero(pure.weight[:m]) == m  # pure identity: nothing else
@@ -330,7 +332,7 @@ def test_dirac_path_param_keeps_the_identity_as_a_buffer_and_computes_the_filter
     """``path_param="dirac"``: ``W = diag(alpha) P + diag(beta) V/|V|`` with ``P`` the identity entries
     of the init (learner eye, coder +I/-I), fixed; ``V`` trained; one conv per layer as before."""
     layer = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="dirac"))
-    ref = PNNHLayer(64, 64, n_code=8, in_code=8)  # the same identity entries as a plain init
+    ref = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="init"))  # the same identity entries
     path = (ref.weight.detach() != 0) & (ref.weight.detach().abs() == 1)
     assert torch.equal(layer.path != 0, path) and torch.equal(layer.path[path], ref.weight.detach()[path])
     assert "path" in layer.state_dict() and not layer.path.requires_grad
@@ -363,3 +365,17 @@ def test_dirac_path_param_trains_folds_and_is_validated():
         pnnh.create_model("pnnh20", path_param="identity")
     with pytest.raises(ConfigError, match="coder='mirror'"):
         pnnh.create_model("pnnh20", path_param="dirac", coder="tied")
+
+
+def test_the_default_keeps_the_path_in_the_parametrisation_where_the_coder_supports_it():
+    """``path_param="auto"``: the mirrored coder (the default) gets ``"dirac"``; shared and tied
+    coders, and the looks-linear nets of the literature, keep the path in the init."""
+    def param(m):
+        return {"path" in layer._buffers for layer in m.pnnh_layers() if isinstance(layer, PNNHLayer)}
+
+    assert param(pnnh.create_model("pnnh20")) == {True}
+    assert param(pnnh.create_model("pnnh20", coder="shared")) == {False}
+    assert param(pnnh.create_model("pnnh20", coder="tied")) == {False}  # its stem too
+    assert param(pnnh.create_model("llplain20")) == {False}
+    assert param(pnnh.create_model("llplain20", path_param="dirac")) == {True}
+    assert CoderSpec().path_param == "dirac" and CoderSpec(coder="tied").path_param == "init"
