@@ -119,21 +119,32 @@ class ModelSpec:
     channels_last: bool = False
     compile: bool = False
     amp: str | None = None
+    kwargs: tuple = ()  # (key, value) model options of this spec only, over the config's model_kwargs
 
 
 def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
-    """``"plain56:fused:channels_last"`` -> a :class:`ModelSpec`; ``cfg``'s global flags fill in the rest."""
+    """``"plain56:fused:channels_last"`` -> a :class:`ModelSpec`; ``cfg``'s global flags fill in the rest.
+
+    ``key=value`` parts are model options for this spec alone (YAML scalars, as ``-k``):
+    ``pnnh56:path_param=init`` against ``pnnh56`` compares two settings of one model side by side.
+    """
+    import yaml
+
     name, *opts = [p.strip() for p in spec.strip().split(":")]
+    pairs = (o.split("=", 1) for o in opts if "=" in o)
+    kwargs = tuple((k.strip().replace("-", "_"), yaml.safe_load(v)) for k, v in pairs)
+    opts = [o for o in opts if "=" not in o]
     bad = [o for o in opts if o not in SPEC_OPTIONS]
-    if bad or not name:
-        raise ConfigError(f"model spec {spec!r}: options after the name are {', '.join(SPEC_OPTIONS)}")
+    if bad or not name or any(not k for k, _ in kwargs):
+        raise ConfigError(f"model spec {spec!r}: options after the name are {', '.join(SPEC_OPTIONS)} "
+                          f"or key=value model options")
     amps = [o for o in opts if o in ("bf16", "fp16")]
     if len(amps) > 1:
         raise ConfigError(f"model spec {spec!r}: give at most one of bf16 / fp16")
     return ModelSpec(name, fused="fused" in opts,
                      channels_last="channels_last" in opts or bool(cfg and cfg.channels_last),
                      compile="compile" in opts or bool(cfg and cfg.compile),
-                     amp=amps[0] if amps else (cfg.amp if cfg else None))
+                     amp=amps[0] if amps else (cfg.amp if cfg else None), kwargs=kwargs)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,7 +280,7 @@ class _Runner:
         self.spec, self.mode = spec, mode
         ms = self.ms = parse_spec(spec, cfg)
         torch.manual_seed(cfg.seed)
-        kwargs = dict(cfg.model_kwargs)
+        kwargs = {**cfg.model_kwargs, **dict(ms.kwargs)}
         kwargs.setdefault("img_size", input_size)  # the engine's convention: models take img_size
         model = create_model(ms.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
         self.params = sum(p.numel() for p in model.parameters())
@@ -360,8 +371,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     device = _resolve_device(cfg.device)
     input_size = cfg.input_size
     if input_size is None:
-        first = create_model(parse_spec(cfg.models[0]).name, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
-                             **cfg.model_kwargs)
+        ms0 = parse_spec(cfg.models[0])
+        first = create_model(ms0.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                             **{**cfg.model_kwargs, **dict(ms0.kwargs)})
         input_size = int(first.default_cfg["input_size"][-1])
         del first
     # The matmul peak is re-measured at the start of every round, beside the models, for every

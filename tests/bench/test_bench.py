@@ -64,6 +64,17 @@ def test_fused_spec_benchmarks_the_deployed_model():
     assert fused["peak_frac"] is None and fused["peak_mem_mb"] is None
 
 
+def test_key_value_spec_parts_are_model_options_of_that_spec():
+    res = run_bench(BenchConfig(models=["pnnh20", "pnnh20:path_param=init", "pnnh20:width=0.5"], mode="train",
+                                memory=False, peak=False, **TINY))
+    dirac, init, wide = res["rows"]
+    assert init["model"] == "pnnh20:path_param=init"
+    assert dirac["params"] > init["params"]  # alpha and beta per filter: the parametrisation is on
+    assert wide["params"] > dirac["params"]  # width=0.5 over the config's width=0.25
+    with pytest.raises(ConfigError, match="key=value"):
+        run_bench(BenchConfig(models=["pnnh20:=3"], **TINY))
+
+
 def test_per_model_options_apply_to_that_model_only():
     res = run_bench(BenchConfig(models=["plain20", "plain20:channels_last:bf16"], mode="infer", memory=False, **TINY))
     plain, variant = res["rows"]
