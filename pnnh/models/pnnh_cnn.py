@@ -90,6 +90,7 @@ def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
 
 
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
+torch.fx.wrap("dirac_weight")  # likewise for the imported name (fx.wrap patches this module's globals)
 
 
 def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +198,9 @@ class PNNHLayer(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         """``[W_l; W_c]``: the ``C_l + C_c`` trained filters (one tensor, possibly a shared part)."""
         if "path" in self._buffers:  # path_param="dirac"
+            w = self.__dict__.get("_step_weight")  # computed for this forward by the net, with its peers
+            if w is not None:
+                return w
             return dirac_weight(self.path, self.path_scale, self.weight, self.weight_scale)
         if self._shared is None:
             return self.weight
@@ -387,6 +391,34 @@ class PNNHLayer(nn.Module):
                 f"k={self.kernel_size}, stride={self.stride}{shared}")
 
 
+def batched_dirac_weights(layers: list[PNNHLayer]) -> list[torch.Tensor]:
+    """``conv_weight()`` of every ``path_param="dirac"`` layer, computed per group of equal shapes.
+
+    One stacked :func:`dirac_weight` per group (3 in a CIFAR net) instead of one per layer: the same
+    values, about 15 ops per group instead of 9 per layer. Per-layer calls cost pnnh56 ~4 % of its
+    CPU training step (measured: 441 vs 419 ms with the same weights as leaves, 2 threads). In
+    channels_last the stack is taken over ``(C, k, k, C_in)`` views, so each weight comes back
+    channels_last, as the conv wants it.
+    """
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        v = layer.weight
+        cl = v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+        groups.setdefault((tuple(v.shape), v.dtype, v.device, cl), []).append(i)
+    for (_, _, _, cl), idx in groups.items():
+        if len(idx) == 1:
+            out[idx[0]] = layers[idx[0]].conv_weight()
+            continue
+        nhwc = (lambda t: t.permute(0, 2, 3, 1)) if cl else (lambda t: t)
+        ls = [layers[i] for i in idx]
+        w = dirac_weight(torch.stack([nhwc(m.path) for m in ls]), torch.stack([m.path_scale for m in ls]),
+                         torch.stack([nhwc(m.weight) for m in ls]), torch.stack([m.weight_scale for m in ls]))
+        for i, wi in zip(idx, w.unbind(0)):
+            out[i] = wi.permute(0, 3, 1, 2) if cl else wi
+    return out
+
+
 class TiedCoderLayer(nn.Module):
     """Tied encoder-decoder coder summed with a learner (``coder="tied"``).
 
@@ -552,6 +584,8 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
         self.default_cfg = dict(input_size=(in_chans, img_size, img_size), num_classes=num_classes, layout=layout)
+        # the path_param="dirac" layers (a plain list, not submodules: they are registered above)
+        self.__dict__["_dirac_layers"] = [m for m in self.pnnh_layers() if "path" in m._buffers]
 
     # -- uniform interface ---------------------------------------------------------------------
     def blocks(self) -> list[nn.Module]:
@@ -563,7 +597,17 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         return [m for m in self.modules() if isinstance(m, (PNNHLayer, TiedCoderLayer))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+        layers = self.__dict__["_dirac_layers"]
+        if not layers or not torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):
+            return self.stages(self.stem(x))
+        # training: every layer's W = alpha P + beta V/|V| for this step, in a few stacked ops
+        for layer, w in zip(layers, batched_dirac_weights(layers)):
+            layer.__dict__["_step_weight"] = w
+        try:
+            return self.stages(self.stem(x))
+        finally:
+            for layer in layers:
+                layer.__dict__["_step_weight"] = None
 
 
 

@@ -9,6 +9,7 @@ import pnnh
 from pnnh.analysis.probes import learner_activity
 from pnnh.analysis.structure import is_plain
 from pnnh.errors import ConfigError
+from pnnh.models.layers import dirac_weight
 from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
 
 
@@ -379,3 +380,31 @@ def test_the_default_keeps_the_path_in_the_parametrisation_where_the_coder_suppo
     assert param(pnnh.create_model("llplain20")) == {False}
     assert param(pnnh.create_model("llplain20", path_param="dirac")) == {True}
     assert CoderSpec().path_param == "dirac" and CoderSpec(coder="tied").path_param == "init"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_dirac_weights_give_the_per_layer_gradients_and_formats(channels_last):
+    """Training computes every layer's ``alpha P + beta V/|V|`` in one stacked call per shape group;
+    the gradients equal the per-layer computation's, each weight keeps the layer's memory format, and
+    no step weight outlives the forward."""
+    import copy
+
+    from pnnh.models.pnnh_cnn import batched_dirac_weights
+
+    torch.manual_seed(0)
+    m = pnnh.create_model("pnnh20").train()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    per_layer = copy.deepcopy(m)
+    per_layer.__dict__["_dirac_layers"] = []
+    F.cross_entropy(m(x), y).backward()
+    F.cross_entropy(per_layer(x), y).backward()
+    for (name, a), b in zip(m.named_parameters(), per_layer.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    layers = m.__dict__["_dirac_layers"]
+    assert len(layers) == len(m.pnnh_layers()) and all(lay.__dict__["_step_weight"] is None for lay in layers)
+    for layer, w in zip(layers, batched_dirac_weights(layers)):
+        torch.testing.assert_close(w, dirac_weight(layer.path, layer.path_scale, layer.weight, layer.weight_scale))
+        if w.shape[1] > 1:  # (a 1-channel stem weight is contiguous in both formats)
+            assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
