@@ -195,3 +195,11 @@ def test_reading_while_the_writer_replaces_the_file_sees_one_whole_version(tmp_p
         stop.set()
         t.join()
     assert not errors, errors[0]
+
+
+def test_a_pnnh_checkpoint_from_before_the_dirac_default_says_how_to_load_it(tmp_path):
+    old = pnnh.create_model("pnnh20", path_param="init")
+    save_weights(tmp_path / "w.safetensors", old)
+    with pytest.raises(CheckpointError, match="path_param='init'"):
+        load_weights(tmp_path / "w.safetensors", pnnh.create_model("pnnh20"))
+    load_weights(tmp_path / "w.safetensors", pnnh.create_model("pnnh20", path_param="init"))
