@@ -109,6 +109,21 @@ def parse_variant(text: str) -> Variant:
     return Variant(label.strip(), template.strip(), kwargs, "custom")
 
 
+def split_variants(text: str) -> list[Variant]:
+    """``--variants``: comma-separated labels or custom variants, whose own ``key=value`` options
+    are comma-separated too (``a=pnnh{d}:coder_ratio=0.125,path_param=init,resnet`` is two variants:
+    a ``key=value`` without ``{d}`` continues the custom variant before it)."""
+    items: list[str] = []
+    for piece in (t.strip() for t in text.split(",")):
+        if not piece:
+            continue
+        if items and "=" in items[-1].split(":")[0] and "=" in piece and "{d}" not in piece:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return [parse_variant(t) for t in items]
+
+
 def _run_cfg(variant: Variant, depth: int, seed: int, budget: dict, base: dict, out: Path):
     from ..train.config import TrainConfig
 
@@ -328,7 +343,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
         return
     try:
-        vs = [parse_variant(t.strip()) for t in variants.split(",") if t.strip()]
+        vs = split_variants(variants)
         ds = [int(t) for t in depths.split(",") if t.strip()]
         ss = [int(t) for t in seeds.split(",") if t.strip()]
     except ValueError as e:
@@ -347,7 +362,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs)
     speed_rows = None
     if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
-        svs = [parse_variant(t.strip()) for t in speed_variants.split(",") if t.strip()]
+        svs = split_variants(speed_variants)
         sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
         speed_rows = []
         for d in sds:

@@ -6,7 +6,7 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.bench.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput
+from pnnh.bench.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput, split_variants
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -47,6 +47,10 @@ def test_variants_parse_and_config_errors(tmp_path):
     v = parse_variant("x=pnnh{d}:coder_ratio=0.25,coder=shared")
     assert v.model(56) == "pnnh56" and v.kwargs == {"coder_ratio": 0.25, "coder": "shared"}
     assert parse_variant("pnnh") is VARIANTS["pnnh"]
+    # in a --variants list a custom variant's own options continue it; a {d} template starts the next
+    vs = split_variants("resnet, a=pnnh{d}:coder_ratio=0.125,path_param=init,b=plain{d},pnnh-diracp")
+    assert [v.label for v in vs] == ["resnet", "a", "b", "pnnh-diracp"]
+    assert vs[1].kwargs == {"coder_ratio": 0.125, "path_param": "init"} and vs[2].kwargs == {}
     with pytest.raises(ConfigError, match="unknown variant"):
         parse_variant("pnhh")
     with pytest.raises(ConfigError, match="\\{d\\}"):
