@@ -132,6 +132,14 @@ def _delta_orthogonal_(w: torch.Tensor) -> None:
         w[:, :, kh // 2, kw // 2] = q
 
 
+def _dirac_weight_forward(path, alpha, v, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W, |V|, beta/|V|)``: rows are the leading ``alpha.dim()`` dims of ``V``, norms over the rest."""
+    shape = alpha.shape + (1,) * (v.dim() - alpha.dim())
+    norm = torch.linalg.vector_norm(v, dim=tuple(range(alpha.dim(), v.dim())), keepdim=True).clamp_min(1e-12)
+    scale = beta.view(shape) / norm
+    return torch.addcmul(path * alpha.view(shape), v, scale), norm, scale
+
+
 class _DiracWeightFunction(torch.autograd.Function):
     """``W = alpha P + (beta / |V|) V`` per filter, with a hand-written backward.
 
@@ -142,12 +150,10 @@ class _DiracWeightFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, path, alpha, v, beta):
-        dims, shape = tuple(range(alpha.dim(), v.dim())), alpha.shape + (1,) * (v.dim() - alpha.dim())
-        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min_(1e-12)
-        scale = beta.view(shape) / norm
+        w, norm, scale = _dirac_weight_forward(path, alpha, v, beta)
         ctx.save_for_backward(path, v, norm, scale)
         ctx.rows = alpha.dim()
-        return torch.addcmul(path * alpha.view(shape), v, scale)
+        return w
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -174,9 +180,7 @@ def dirac_weight(path: torch.Tensor, alpha: torch.Tensor, v: torch.Tensor, beta:
     """
     if torch.is_grad_enabled() and (v.requires_grad or alpha.requires_grad or beta.requires_grad):
         return _DiracWeightFunction.apply(path, alpha, v, beta)
-    shape = alpha.shape + (1,) * (v.dim() - alpha.dim())
-    norm = torch.linalg.vector_norm(v, dim=tuple(range(alpha.dim(), v.dim())), keepdim=True).clamp_min(1e-12)
-    return torch.addcmul(path * alpha.view(shape), v, beta.view(shape) / norm)
+    return _dirac_weight_forward(path, alpha, v, beta)[0]  # plain ops: traceable for export
 
 
 torch.fx.wrap("dirac_weight")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)

@@ -408,3 +408,18 @@ def test_batched_dirac_weights_give_the_per_layer_gradients_and_formats(channels
         torch.testing.assert_close(w, dirac_weight(layer.path, layer.path_scale, layer.weight, layer.weight_scale))
         if w.shape[1] > 1:  # (a 1-channel stem weight is contiguous in both formats)
             assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_dirac_weight_backward_matches_autograd(rows):
+    """The hand-written backward of ``alpha P + beta V/|V|`` (one weight, or ``L`` stacked ones)."""
+    from pnnh.models.layers import _DiracWeightFunction
+
+    torch.manual_seed(0)
+    lead = (4,) if rows == 1 else (2, 4)
+    path = torch.randn(*lead, 3, 3, 3, dtype=torch.double)
+    alpha, beta = (torch.randn(*lead, dtype=torch.double, requires_grad=True) for _ in range(2))
+    v = torch.randn(*lead, 3, 3, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w, b: _DiracWeightFunction.apply(path, a, w, b), (alpha, v, beta))
+    with torch.no_grad():  # the graph-free branch computes the same values
+        torch.testing.assert_close(dirac_weight(path, alpha, v, beta), _DiracWeightFunction.apply(path, alpha, v, beta))
