@@ -97,7 +97,7 @@ class PooledClassifierHead:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation. Chosen per model with ``init=``; documented in docs/models.md.
+# Initialisation. Chosen per model with ``init=``; listed in the README (Models).
 # ---------------------------------------------------------------------------------------------
 
 INITS = ("he", "dirac", "dirac_param", "delta_orthogonal")
