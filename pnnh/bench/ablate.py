@@ -94,18 +94,13 @@ def parse_variant(text: str) -> Variant:
         if text not in VARIANTS:
             raise ConfigError(f"unknown variant {text!r}; known: {', '.join(VARIANTS)} (or label=template:k=v,...)")
         return VARIANTS[text]
-    import yaml
+    from ..cli import _parse_kv
 
     label, rest = text.split("=", 1)
     template, _, opts = rest.partition(":")
     if "{d}" not in template:
         raise ConfigError(f"variant template {template!r} must contain {{d}} (the depth)")
-    kwargs = {}
-    for item in filter(None, opts.split(",")):
-        if "=" not in item:
-            raise ConfigError(f"variant option {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        kwargs[k.strip()] = yaml.safe_load(v)
+    kwargs = _parse_kv(tuple(filter(None, opts.split(","))), f"variant {label.strip()!r}")
     return Variant(label.strip(), template.strip(), kwargs, "custom")
 
 

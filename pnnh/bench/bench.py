@@ -128,11 +128,10 @@ def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
     ``key=value`` parts are model options for this spec alone (YAML scalars, as ``-k``):
     ``pnnh56:path_param=init`` against ``pnnh56`` compares two settings of one model side by side.
     """
-    import yaml
+    from ..cli import _parse_kv
 
     name, *opts = [p.strip() for p in spec.strip().split(":")]
-    pairs = (o.split("=", 1) for o in opts if "=" in o)
-    kwargs = tuple((k.strip().replace("-", "_"), yaml.safe_load(v)) for k, v in pairs)
+    kwargs = tuple(_parse_kv(tuple(o for o in opts if "=" in o), f"model spec {spec!r}").items())
     opts = [o for o in opts if "=" not in o]
     bad = [o for o in opts if o not in SPEC_OPTIONS]
     if bad or not name or any(not k for k, _ in kwargs):
