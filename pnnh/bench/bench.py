@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models import create_model, model_info
 from .fuse import deploy, unfused_kernels
+from ..train.malloc import tune_glibc_malloc
 
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
@@ -262,6 +263,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:  # whether freed host memory stays in the process (pnnh/train/malloc.py): it moves CPU step times
+        info["malloc_tuned"] = tune_glibc_malloc()
     return info
 
 
@@ -368,6 +371,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_glibc_malloc()  # as the training engine does: measure what training runs
     input_size = cfg.input_size
     if input_size is None:
         ms0 = parse_spec(cfg.models[0])
@@ -450,6 +455,8 @@ def format_table(result: dict[str, Any]) -> str:
     foot = (f"batch {cfg['batch_size']}, input {cfg['in_chans']}x{cfg['input_size']}x{cfg['input_size']}, "
             f"{cfg['repeats']} alternating rounds x {cfg['steps']} steps, device {m['device']}, "
             f"{m['threads']} thread(s), torch {m['torch']}, {m['cpu']}")
+    if m.get("malloc_tuned") is False:
+        foot += ", glibc malloc thresholds not set (PNNH_MALLOC_TUNING=0 or user tunables)"
     flags = [k for k in ("channels_last", "compile") if cfg[k]] + ([f"amp {cfg['amp']}"] if cfg["amp"] else [])
     if flags:
         foot += ", all models: " + ", ".join(flags)

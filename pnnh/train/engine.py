@@ -33,6 +33,7 @@ from ..errors import CheckpointError, ConfigError, DivergenceError
 from . import distributed as dist_utils
 from .checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
+from .malloc import tune_glibc_malloc
 
 __all__ = ["train", "evaluate", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
 
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     if threads:
         torch.set_num_threads(threads)
     device = _resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_glibc_malloc()  # keep freed activations' pages: no page faults at every step (train/malloc.py)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]

@@ -403,11 +403,34 @@ def test_batched_dirac_weights_give_the_per_layer_gradients_and_formats(channels
     for (name, a), b in zip(m.named_parameters(), per_layer.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     layers = m.__dict__["_dirac_layers"]
-    assert len(layers) == len(m.pnnh_layers()) and all(lay.__dict__["_step_weight"] is None for lay in layers)
-    for layer, w in zip(layers, batched_dirac_weights(layers)):
-        torch.testing.assert_close(w, dirac_weight(layer.path, layer.path_scale, layer.weight, layer.weight_scale))
-        if w.shape[1] > 1:  # (a 1-channel stem weight is contiguous in both formats)
-            assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert len(layers) == len(m.pnnh_layers())
+    assert all(lay.__dict__.get(k) is None for lay in layers for k in ("_step_weight", "_step_tied"))
+    for tied in (False, True):
+        for layer, step in zip(layers, batched_dirac_weights(layers, tied)):
+            w = dirac_weight(layer.path, layer.path_scale, layer.weight, layer.weight_scale)
+            if tied:  # the fast path's tied rows [W_l; W_c; -W_c] and BN affine [g; g_c], [b; -b_c]
+                n, bn = layer.n_learn, layer.bn
+                (got, gamma, beta), w = step, torch.cat([w, -w[n:]])
+                torch.testing.assert_close(gamma, torch.cat([bn.weight, bn.weight[n:]]))
+                torch.testing.assert_close(beta, torch.cat([bn.bias, -bn.bias[n:]]))
+            else:
+                got = step
+            torch.testing.assert_close(got, w)
+            if w.shape[1] > 1:  # (a 1-channel stem weight is contiguous in both formats)
+                assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("dim, sign", [(0, -1.0), (1, 1.0), (2, -1.0)])
+def test_tied_rows_value_and_gradient(dim, sign):
+    """``tied_rows(t, n, dim, sign)`` is ``cat(t, sign * t[n:])`` along ``dim``, gradient included."""
+    from pnnh.models.pnnh_cnn import tied_rows
+
+    torch.manual_seed(0)
+    t = torch.randn(5, 6, 4, dtype=torch.double, requires_grad=True)
+    n = 2
+    ref = torch.cat([t, sign * t.narrow(dim, n, t.shape[dim] - n)], dim)
+    assert torch.equal(tied_rows(t, n, dim, sign), ref)
+    assert torch.autograd.gradcheck(lambda a: tied_rows(a, n, dim, sign), (t,))
 
 
 @pytest.mark.parametrize("rows", [1, 2])
