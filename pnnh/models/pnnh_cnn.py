@@ -157,6 +157,10 @@ class CoderSpec:
                  path_param: str = "auto"):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
+        for name, value in (("coder_ratio", ratio), ("coder_mix", mix), ("learner_mix", learner_mix),
+                            ("learner_bias", learner_bias)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"coder_ratio must be in [0, 1], got {ratio}")
         if init not in CODER_INITS:

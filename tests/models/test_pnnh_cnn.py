@@ -171,6 +171,10 @@ def test_bad_options_are_config_errors():
         pnnh.create_model("pnnh20", coder="magic")
     with pytest.raises(ConfigError, match="coder_ratio"):
         pnnh.create_model("pnnh20", coder_ratio=1.5)
+    with pytest.raises(ConfigError, match="coder_ratio must be a number, got '0.5'"):
+        pnnh.create_model("pnnh20", coder_ratio="0.5")  # a string from a hand-made config, not a TypeError
+    with pytest.raises(ConfigError, match="learner_bias must be a number"):
+        pnnh.create_model("pnnh20", learner_bias=None)
     with pytest.raises(ConfigError, match="coder_init"):
         pnnh.create_model("pnnh20", coder_init="zeros")
     with pytest.raises(ConfigError, match="fix"):
