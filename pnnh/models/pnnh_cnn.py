@@ -90,10 +90,11 @@ def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
 
 
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
+torch.fx.wrap("dirac_weight")  # likewise for the imported name (fx.wrap patches this module's globals)
 
 
 class _TiedRowsFunction(torch.autograd.Function):
-    """``cat(t, sign * t.narrow(dim, n, C - n), dim)`` written once into a contiguous buffer.
+    """``cat(t, sign * t.narrow(dim, n, C - n), dim)`` written once into one buffer (``t``'s memory format).
 
     The tied rows of a mirrored layer (``[W_l; W_c; -W_c]``, BN's ``[gamma; gamma_c]`` and
     ``[beta; -beta_c]``) for a whole stack of layers at once; the backward folds the tied rows'
@@ -132,8 +133,6 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 def tied_rows(t: torch.Tensor, n: int, dim: int = 0, sign: float = -1.0) -> torch.Tensor:
     """``cat(t, sign * t[n:], dim)`` along ``dim`` (rows ``n..C`` repeated with ``sign``), as one op."""
     return _TiedRowsFunction.apply(t, n, dim, sign)
-
-torch.fx.wrap("dirac_weight")  # likewise for the imported name (fx.wrap patches this module's globals)
 
 
 def _channels_last_view(x: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ PyTorch's CPU tensors come from ``malloc``. By default glibc hands large freed b
 kernel: blocks above the (dynamic) mmap threshold are unmapped, and the top of the heap is trimmed
 once more than the trim threshold (twice the mmap threshold) is free. A training step frees its
 activations during the backward pass, so the next step's activations land on fresh pages: every
-4 KiB page is a minor fault, zeroed by the kernel. Measured on pnnh56 (batch 128 at 28x28, 2 threads):
-4,000-12,000 minor faults per training step untuned, none tuned, and the PNNH/ResNet throughput
-ratio went from 0.80-0.92 to 1.005-1.018 in the same ``pnnh bench`` command (docs/benchmarks.md).
+4 KiB page is a minor fault, zeroed by the kernel. Measured on pnnh56 (batch 128 at 28x28, 2 threads,
+``scripts/step_faults.py``): 20,436 minor faults per training step untuned (plain56: 384), 0-2
+tuned; pnnh56's training throughput went from 0.951x to 1.020x ResNet-56's (docs/benchmarks.md,
+session 6).
 
 :func:`tune_glibc_malloc` fixes both thresholds for the process: allocations up to 32 MiB (glibc's
 largest mmap threshold) come from the heap, and the heap is not trimmed below 2 GiB of free space.
