@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ._registry import register_builder
 from .layers import PooledClassifierHead, cnn_layout, dirac_weight, init_dirac_param_
 
-__all__ = ["mirror", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
+__all__ = ["mirror", "tied_rows", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
            "cifar_pnnh", "imagenet_pnnh"]
 
 CODERS = ("mirror", "shared", "tied")
