@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def load_tree(alias: str, root: Path):
@@ -45,21 +44,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     trees = {"new": load_tree("pnnh", Path(args.new)), "old": load_tree("pnnh_old", Path(args.old))}
     print("malloc tuned:", trees["new"].train.malloc.tune_glibc_malloc())
-    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (128,))
+    from step_faults import sgd_step  # scripts/ is on sys.path when this runs as a script
+
     runs = []
     for spec in args.models.split(","):
         tree, name = spec.split(":")
         torch.manual_seed(0)
-        m = trees[tree].create_model(name).to(memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def step(m=m, opt=opt):
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = sgd_step(trees[tree].create_model(name))
         for _ in range(2):
             step()
         runs.append((spec, step, []))

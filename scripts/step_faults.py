@@ -24,9 +24,10 @@ import pnnh
 from pnnh.train.malloc import tune_glibc_malloc
 
 
-def step_faults(name: str, steps: int = 4, batch_size: int = 128) -> tuple[float, float]:
-    """(minor faults per step, ms per step) of ``steps`` training steps of ``name``."""
-    m = pnnh.create_model(name).to(memory_format=torch.channels_last).train()
+def sgd_step(model: torch.nn.Module, batch_size: int = 128):
+    """A function making one SGD training step of ``model`` (channels_last, training mode) on a fixed
+    random batch of 1x28x28 images; the scripts here time it."""
+    m = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
@@ -37,6 +38,12 @@ def step_faults(name: str, steps: int = 4, batch_size: int = 128) -> tuple[float
         loss.backward()
         opt.step()
 
+    return step
+
+
+def step_faults(name: str, steps: int = 4, batch_size: int = 128) -> tuple[float, float]:
+    """(minor faults per step, ms per step) of ``steps`` training steps of ``name``."""
+    step = sgd_step(pnnh.create_model(name), batch_size)
     for _ in range(3):
         step()
     f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
