@@ -67,7 +67,7 @@ class _MirrorFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, n: int) -> torch.Tensor:
         N, C, H, W = a.shape
-        channels_last = a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+        channels_last = _memory_format(a) is torch.channels_last
         y = torch.empty((N, 2 * C - n, H, W), dtype=a.dtype, device=a.device,
                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         y[:, :C] = a
@@ -461,7 +461,7 @@ def batched_dirac_weights(layers: list[PNNHLayer], tied: bool = False) -> list:
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         v = layer.weight
-        cl = v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+        cl = _memory_format(v) is torch.channels_last
         groups.setdefault((tuple(v.shape), layer.n_learn, v.dtype, v.device, cl), []).append(i)
     for (_, n, _, _, cl), idx in groups.items():
         if len(idx) == 1 and not tied:
