@@ -207,14 +207,35 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def difference(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float] | None:
+    """``row``'s mean accuracy minus ``ref``'s, with the standard error of that difference.
+
+    Welch's form, ``sqrt(s_a^2/n_a + s_b^2/n_b)``: the seeds of two models are independent draws
+    (different weights, so not paired even at the same seed). ``None`` when either has no finished
+    seed; a one-seed side contributes no spread, so the error then understates the uncertainty
+    (the report says so)."""
+    a, b = row["accs"], ref["accs"]
+    if not a or not b:
+        return None
+    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    return ma - mb, math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+
+
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
-                  budget_defs: dict[str, dict] | None = None) -> str:
-    """The Markdown results page (``docs/results/pnnh_ablation.md``)."""
+                  budget_defs: dict[str, dict] | None = None, reference: str | None = "resnet") -> str:
+    """The Markdown results page (``docs/results/pnnh_ablation.md``).
+
+    With ``reference`` (a variant label, the ResNet twin by default) each table also gives every
+    variant's accuracy difference to that variant at the same depth and budget and its parameter ratio:
+    the terms the issue's criteria are stated in."""
     budget_defs = budget_defs or BUDGETS
     rows = aggregate(records)
     date = _dt.date.today().isoformat()
     finished = [r["summary"] for r in records if r["summary"] and r["summary"].get("status") == "complete"]
     augment = {s.get("augment") for s in finished}
+    threads = sorted({s["threads"] for s in finished if s.get("threads")})
+    thread_text = ("one thread" if threads == [1] else
+                   f"{' or '.join(map(str, threads))} threads (see each run's summary.json)") if threads else "threads unrecorded"
     aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
            "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
     lines = ["# PNNH ablation on Fashion-MNIST", "",
@@ -223,17 +244,24 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
              f"full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; short budget = "
              f"{budget_defs['short']}, long budget = {budget_defs['long']}. Test accuracy in %, mean ± sample std "
              "over the finished seeds. img/s is training images per second from the engine (training time "
-             "only), one thread per run, on a 2-core machine running other jobs: compare speeds only side by "
-             "side (docs/benchmarks.md).", ""]
+             f"only), {thread_text} per run, on a 2-core machine running other jobs: compare speeds only side "
+             "by side (docs/benchmarks.md)."]
+    if reference:
+        lines += [f"Δ acc: the variant's mean minus `{reference}`'s at the same depth and budget, ± the standard "
+                  "error of that difference (sqrt(s_a²/n_a + s_b²/n_b); a one-seed side adds no spread, so "
+                  f"the error is then too small). params ×: the variant's parameters over `{reference}`'s."]
+    lines.append("")
     if notes:
         lines += [notes, ""]
     by_cell: dict[tuple, list] = {}
     for r in rows:
         by_cell.setdefault((r["budget"], r["depth"]), []).append(r)
     for (b, d), cell in by_cell.items():
-        lines += [f"## {b} budget, depth {d}", "",
-                  "| variant | model | options | seeds | test acc % | params | train img/s | wall s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        ref = next((r for r in cell if r["variant"] == reference), None)
+        head = ["variant", "model", "options", "seeds", "test acc %", "params", "train img/s", "wall s"]
+        if ref is not None:
+            head[5:5] = [f"Δ acc vs {reference}", "params ×"]
+        lines += [f"## {b} budget, depth {d}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in cell:
             opts = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "—"
             n = len(r["accs"])
@@ -251,7 +279,19 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
             if r["diverged"]:
                 extra.append(f"diverged: seeds {r['diverged']}")
             seeds = f"{n}" + (f" ({'; '.join(extra)})" if extra else "")
-            lines.append(f"| {r['variant']} | {r['model']} | {opts} | {seeds} | {acc} | {params} | {img} | {wall} |")
+            cols = [r["variant"], r["model"], opts, seeds, acc, params, img, wall]
+            if ref is not None:
+                diff = difference(r, ref) if r is not ref else None
+                if r is ref or diff is None:
+                    delta = "—"
+                elif len(r["accs"]) == 1 and len(ref["accs"]) == 1:
+                    delta = f"{diff[0]:+.2f} (1 seed each: no spread)"
+                else:
+                    delta = f"{diff[0]:+.2f} ± {diff[1]:.2f}"
+                ratio = (f"{r['params'] / ref['params']:.2f}" if r["params"] and ref["params"] and r is not ref
+                         else "—")
+                cols[5:5] = [delta, ratio]
+            lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
     if speed:
         lines += ["## Training throughput, side by side", "",
@@ -326,9 +366,12 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
 @click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
 @click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
 @click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
+@click.option("--reference", default="resnet", show_default=True,
+              help="Variant every other is compared with in the report (accuracy difference, parameter ratio); "
+                   "'' for none.")
 @click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
 def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
-               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, list_) -> None:
+               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, reference, list_) -> None:
     """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
 
     Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
@@ -368,7 +411,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
-        if p.name in ("list_", "dry_run", "notes") or v is None or v is False or (
+        if p.name in ("list_", "dry_run", "notes", "reference") or v is None or v is False or (
                 p.name.startswith("speed_") and not speed):
             continue
         flag = p.opts[0]
@@ -378,7 +421,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             parts += [flag, str(v)]
     command = " ".join(shlex.quote(a) for a in parts)
     text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                         budget_defs=budget_defs)
+                         budget_defs=budget_defs, reference=reference or None)
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(text)

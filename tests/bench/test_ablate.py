@@ -73,6 +73,31 @@ def test_aggregate_mean_std_and_diverged():
     assert "50.00 (1 seed: no spread)" in one and "± 0.00" not in one  # one seed has no spread to show
 
 
+def test_report_compares_with_the_reference_variant():
+    def rec(variant, seed, acc, params, threads=2):
+        return {"budget": "long", "depth": 56, "variant": variant, "model": "m", "kwargs": {}, "seed": seed,
+                "summary": {"status": "complete", "test_acc": acc, "train_img_per_s": 10.0, "wall_s": 1.0,
+                            "params": params, "threads": threads}}
+
+    recs = [rec("a", 0, 0.5, 5), rec("a", 1, 0.7, 5), rec("resnet", 0, 0.80, 10), rec("resnet", 1, 0.82, 10),
+            rec("b", 0, 0.9, 20, threads=1)]
+    report = format_report(recs, "cmd")
+    lines = report.splitlines()
+    assert "| variant | model | options | seeds | test acc % | Δ acc vs resnet | params × |" in report
+    row = next(l for l in lines if l.startswith("| a |"))
+    # 60 - 81 = -21; Welch error sqrt(14.142^2/2 + 1.414^2/2) = sqrt(101) = 10.05
+    assert "| -21.00 ± 10.05 | 0.50 |" in row
+    assert "| +9.00 ± 1.00 | 2.00 |" in next(l for l in lines if l.startswith("| b |"))  # one seed: no spread of its own
+    assert "| — | — |" in next(l for l in lines if l.startswith("| resnet |"))
+    assert "1 or 2 threads" in report
+    one_each = format_report([rec("a", 0, 0.5, 5), rec("resnet", 0, 0.8, 10)], "cmd")
+    assert "| -30.00 (1 seed each: no spread) | 0.50 |" in one_each
+    # without a reference (or when the cell has none) the table keeps its plain columns
+    plain = format_report(recs, "cmd", reference=None)
+    assert "Δ acc" not in plain and "| a | m | — | 2 | 60.00 ± 14.14 | 5 |" in plain
+    assert "Δ acc vs" not in format_report([r for r in recs if r["variant"] != "resnet"], "cmd")
+
+
 def test_side_by_side_throughput_ratios():
     rows = side_by_side_throughput([("resnet20", {"width": 0.25}), ("pnnh20", {"width": 0.25})], batch_size=8,
                                    rounds=1, steps_per_round=1)
