@@ -234,8 +234,8 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
     finished = [r["summary"] for r in records if r["summary"] and r["summary"].get("status") == "complete"]
     augment = {s.get("augment") for s in finished}
     threads = sorted({s["threads"] for s in finished if s.get("threads")})
-    thread_text = ("one thread" if threads == [1] else
-                   f"{' or '.join(map(str, threads))} threads (see each run's summary.json)") if threads else "threads unrecorded"
+    thread_text = ("threads unrecorded" if not threads else "one thread" if threads == [1] else
+                   f"{' or '.join(map(str, threads))} threads (see each run's summary.json)")
     aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
            "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
     lines = ["# PNNH ablation on Fashion-MNIST", "",
@@ -281,15 +281,12 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
             seeds = f"{n}" + (f" ({'; '.join(extra)})" if extra else "")
             cols = [r["variant"], r["model"], opts, seeds, acc, params, img, wall]
             if ref is not None:
-                diff = difference(r, ref) if r is not ref else None
-                if r is ref or diff is None:
-                    delta = "—"
-                elif len(r["accs"]) == 1 and len(ref["accs"]) == 1:
-                    delta = f"{diff[0]:+.2f} (1 seed each: no spread)"
-                else:
-                    delta = f"{diff[0]:+.2f} ± {diff[1]:.2f}"
-                ratio = (f"{r['params'] / ref['params']:.2f}" if r["params"] and ref["params"] and r is not ref
-                         else "—")
+                delta = ratio = "—"
+                diff = None if r is ref else difference(r, ref)
+                if diff is not None:  # both have finished seeds, hence parameter counts
+                    one_each = len(r["accs"]) == 1 == len(ref["accs"])
+                    delta = f"{diff[0]:+.2f} " + ("(1 seed each: no spread)" if one_each else f"± {diff[1]:.2f}")
+                    ratio = f"{r['params'] / ref['params']:.2f}"
                 cols[5:5] = [delta, ratio]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
