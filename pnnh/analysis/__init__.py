@@ -5,6 +5,8 @@
   :func:`plot_diagnostics` / :func:`plot_comparison` draw the results; ``pnnh diagnose`` is the CLI.
 - :mod:`~pnnh.analysis.theory`: exact pre-activation moments of He-normal plain and residual
   layers, the Cantelli bound on surviving neurons, and a simulation to check them.
+- :mod:`~pnnh.analysis.linear_shortcuts`: deep linear nets with n-layer shortcuts, the exact loss
+  Hessian at the zero initial point (Li et al., "Demystifying ResNet").
 - :mod:`~pnnh.analysis.similarity`, :mod:`~pnnh.analysis.gradients`, :mod:`~pnnh.analysis.lesion`,
   :mod:`~pnnh.analysis.probes`, :mod:`~pnnh.analysis.dists`: the pieces, usable on their own.
 """
