@@ -3,7 +3,9 @@
     >>> import pnnh
     >>> model = pnnh.create_model("plain56", num_classes=10, in_chans=1)
     >>> pnnh.list_models("resnet*")[:3]
-    ['resnet18', 'resnet20', 'resnet32']
+    ['resnet8', 'resnet18', 'resnet20']
+    >>> sum(p.numel() for p in model.parameters())
+    852730
 """
 
 __version__ = "0.1.0"
