@@ -8,7 +8,7 @@
     852730
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ModelNotFoundError, PnnhError
 from .models import create_model, list_models, model_info, register_model

@@ -15,21 +15,9 @@ import click
 
 from . import __version__
 from .errors import ConfigError, PnnhError
+from .utils import parse_kv
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
-
-
-def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as YAML scalars (``width=2`` -> 2, ``init=dirac`` -> 'dirac')."""
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{what} expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    return out
 
 
 def _count_params(name: str) -> int | None:
@@ -134,7 +122,7 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
         base = values.get("model_kwargs") or {}
         if not isinstance(base, dict):
             raise ConfigError(f"model_kwargs must be a mapping of option: value, got {type(base).__name__} {base!r}")
-        values["model_kwargs"] = {**base, **_parse_kv(model_kwarg, "--model-kwarg")}
+        values["model_kwargs"] = {**base, **parse_kv(model_kwarg, "--model-kwarg")}
     if augment is not None:
         values["augment"] = augment
     if no_progress:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from ..utils import atomic_write_text, parse_kv
 
 __all__ = ["diagnose_cmd"]
 
@@ -47,9 +48,8 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     """
     import torch
 
-    from ..cli import _parse_kv
     from ..models import create_model
-    from ..train.checkpoint import atomic_write_text, load_weights, read_metadata
+    from ..train.checkpoint import load_weights, read_metadata
     from .diagnose import load_images, run_diagnostics, summarize
     from .plots import plot_comparison, plot_diagnostics
 
@@ -76,7 +76,7 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
         raise ConfigError("--device cuda: no CUDA device is available")
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
     x, y = x.to(dev), y.to(dev)
-    kwargs = _parse_kv(model_kwarg, "--model-kwarg")
+    kwargs = parse_kv(model_kwarg, "--model-kwarg")
     results = {}
     out_dir = Path(out)
     for name in names:

@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..utils import parse_kv
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "run_ablation", "format_report", "side_by_side_throughput", "ablate_cmd"]
 
@@ -94,13 +95,11 @@ def parse_variant(text: str) -> Variant:
         if text not in VARIANTS:
             raise ConfigError(f"unknown variant {text!r}; known: {', '.join(VARIANTS)} (or label=template:k=v,...)")
         return VARIANTS[text]
-    from ..cli import _parse_kv
-
     label, rest = text.split("=", 1)
     template, _, opts = rest.partition(":")
     if "{d}" not in template:
         raise ConfigError(f"variant template {template!r} must contain {{d}} (the depth)")
-    kwargs = _parse_kv(tuple(filter(None, opts.split(","))), f"variant {label.strip()!r}")
+    kwargs = parse_kv(tuple(filter(None, opts.split(","))), f"variant {label.strip()!r}")
     return Variant(label.strip(), template.strip(), kwargs, "custom")
 
 

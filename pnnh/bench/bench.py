@@ -51,6 +51,7 @@ from ..errors import ConfigError
 from ..models import create_model, model_info
 from .fuse import deploy, unfused_kernels
 from ..train.malloc import tune_glibc_malloc
+from ..utils import parse_kv
 
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
@@ -129,10 +130,8 @@ def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
     ``key=value`` parts are model options for this spec alone (YAML scalars, as ``-k``):
     ``pnnh56:path_param=init`` against ``pnnh56`` compares two settings of one model side by side.
     """
-    from ..cli import _parse_kv
-
     name, *opts = [p.strip() for p in spec.strip().split(":")]
-    kwargs = tuple(_parse_kv(tuple(o for o in opts if "=" in o), f"model spec {spec!r}").items())
+    kwargs = tuple(parse_kv(tuple(o for o in opts if "=" in o), f"model spec {spec!r}").items())
     opts = [o for o in opts if "=" not in o]
     bad = [o for o in opts if o not in SPEC_OPTIONS]
     if bad or not name or any(not k for k, _ in kwargs):

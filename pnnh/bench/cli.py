@@ -7,12 +7,11 @@ import json
 import click
 
 from ..errors import ConfigError
+from ..utils import atomic_write_text, parse_kv
 
 
 def _parse_kv(items):
-    from ..cli import _parse_kv as parse
-
-    return parse(items, "--model-kwarg")
+    return parse_kv(items, "--model-kwarg")
 
 
 @click.command("bench")
@@ -57,8 +56,6 @@ def bench_cmd(model_list, model_kwarg, no_memory, no_peak, as_json, out, compile
     result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     text = json.dumps(result, indent=2)
     if out:
-        from ..train.checkpoint import atomic_write_text
-
         atomic_write_text(out, text + "\n")
     click.echo(text if as_json else format_table(result))
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import ConfigError
+from ..utils import parse_kv
 
 __all__ = ["study_cmd"]
 
@@ -70,7 +71,6 @@ def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, tr
     Writes results.json, results.csv, report.md and a self-contained report.html to --out.
     Re-running the same command skips finished runs and resumes an interrupted one.
     """
-    from ..cli import _parse_kv
     from .study import plan_study, run_study
 
     if list_:
@@ -84,7 +84,7 @@ def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, tr
                        seeds=seeds, data=data, data_dir=data_dir, device=device, threads=threads,
                        train={"steps": steps, "epochs": epochs, "train_subset": train_subset,
                               "test_subset": test_subset},
-                       model_kwargs=_parse_kv(model_kwarg, "--model-kwarg"), progress=progress,
+                       model_kwargs=parse_kv(model_kwarg, "--model-kwarg"), progress=progress,
                        command="pnnh " + shlex.join(sys.argv[1:]))
     try:
         run_study(study, log=lambda line: click.echo(line))

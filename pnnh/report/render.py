@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write_text
+
 __all__ = ["Section", "Group", "aggregate", "verdicts", "make_figures", "render_markdown", "render_html",
            "write_report", "load_results"]
 
@@ -535,8 +537,6 @@ def _slug(s: str) -> str:
 
 def write_report(out: str | Path, results: dict[str, Any], sections: list[Section] = ()) -> dict[str, Path]:
     """Write ``plots/*.png``, ``report.md`` and ``report.html`` into ``out``; return their paths."""
-    from ..train.checkpoint import atomic_write_text
-
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..utils import atomic_write_text
 
 __all__ = ["Family", "Preset", "FAMILIES", "PRESETS", "StudyRun", "Study", "plan_study", "run_study",
            "collect_results", "write_results", "DIAGNOSTICS_HOOK"]
@@ -466,7 +467,7 @@ def collect_results(study: Study) -> dict[str, Any]:
     """Records of every finished run of ``study`` (read from the run directories)."""
     import platform
 
-    from .. import __version__
+    from ..version import __version__
 
     records = []
     for run in study.runs:
@@ -533,13 +534,9 @@ def results_csv(results: dict[str, Any]) -> str:
 
 
 def write_results(study: Study, results: dict[str, Any]) -> None:
-    from ..train.checkpoint import atomic_write_text
-
     _write_json(study.out / "results.json", results)
     atomic_write_text(study.out / "results.csv", results_csv(results))
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from ..train.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
