@@ -592,7 +592,7 @@ class PNNHNet(PooledClassifierHead, nn.Module):
             ``learner_init``/``coder_init``), ``V`` trained (He directions at filter norm 0.1),
             ``alpha = 1`` and ``beta = 0.1`` at init (1-D, so no weight decay). Still one conv per
             layer; it folds like any other (``deploy``). ``"init"``: the path is only where the
-            weights *start* and training may move it (the default up to session 4). ``"auto"``
+            weights *start* and training may move it. ``"auto"``
             (default): ``"dirac"`` for the mirrored coder, chosen by ``pnnh ablate`` (5 epochs, depth
             56, 3 seeds: docs/pnnh.md), ``"init"`` for ``shared``/``tied``, which it does not support.
         width: multiplier on the stage widths.

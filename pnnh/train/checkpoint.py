@@ -205,7 +205,7 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
         if missing and all(k.rsplit(".", 1)[-1] in ("path", "path_scale", "weight_scale") for k in missing):
             details.append("the checkpoint's PNNH layers keep the internal path in the init only: build the "
-                           "model with path_param='init' (the PNNH default before session 5)")
+                           "model with path_param='init'")
         raise CheckpointError(f"{what}: architectures differ ({'; '.join(details)})")
     model.load_state_dict(sd)
 

@@ -6,8 +6,7 @@ once more than the trim threshold (twice the mmap threshold) is free. A training
 activations during the backward pass, so the next step's activations land on fresh pages: every
 4 KiB page is a minor fault, zeroed by the kernel. Measured on pnnh56 (batch 128 at 28x28, 2 threads,
 ``scripts/step_faults.py``): 20,436 minor faults per training step untuned (plain56: 384), 0-2
-tuned; pnnh56's training throughput went from 0.951x to 1.020x ResNet-56's (docs/benchmarks.md,
-session 6).
+tuned; pnnh56's training throughput is 1.020x ResNet-56's tuned and 0.951x untuned (docs/benchmarks.md).
 
 :func:`tune_glibc_malloc` fixes both thresholds for the process: allocations up to 32 MiB (glibc's
 largest mmap threshold) come from the heap, and the heap is not trimmed below 2 GiB of free space.
