@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup study test
+.PHONY: setup study test gpu-check gpu-wheels
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -12,3 +12,12 @@ study: setup
 test:
 	VENV=$(VENV) WITH_BROWSER=1 bash scripts/setup.sh
 	$(BIN)/python -m pytest -q
+
+# The GPU check (docs/benchmarks.md): on a CUDA machine, within 8 minutes, into $(GPU_OUT)/gpu_check.{json,md}.
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_OUT)
+
+# Pure-Python wheels the GPU check may miss on a machine without network (copy wheels/ along with the repo).
+gpu-wheels:
+	mkdir -p wheels && $(BIN)/pip download -q --only-binary=:all: --no-deps -d wheels click tqdm pytest pluggy iniconfig packaging

@@ -30,6 +30,11 @@ run can measure the effect of a setting side by side:
 - ``:channels_last``, ``:compile``, ``:bf16``, ``:fp16`` -- as the global flags, for this model.
 
 e.g. ``plain56,plain56:fused`` or ``resnet56,resnet56:channels_last,resnet56:bf16``.
+
+A name ``timm:ARCH`` or ``torchvision:ARCH`` is a model of that library, built untrained
+(``timm.create_model(ARCH, pretrained=False, ...)``, ``torchvision.models.get_model(ARCH,
+weights=None, ...)``) with the run's classes and input channels, and measured in the same
+alternating rounds as the registered ones: ``resnet50,timm:resnet50,torchvision:resnet50``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from .fuse import deploy, unfused_kernels
 from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
 
-__all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
+__all__ = ["BenchConfig", "run_bench", "build_external", "is_external", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
 MODES = ("train", "infer")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
@@ -99,7 +104,10 @@ class BenchConfig:
             raise ConfigError(f"input_size must be >= 1, got {self.input_size}")
         for spec in self.models:
             ms = parse_spec(spec, self)
-            model_info(ms.name)  # unknown names fail here, with close matches
+            if is_external(ms.name):
+                check_external(ms.name, self.in_chans)
+            else:
+                model_info(ms.name)  # unknown names fail here, with close matches
             if ms.fused and self.mode != "infer":
                 raise ConfigError(f"{spec}: a fused (deployed) model is for inference only; use --mode infer")
         return self
@@ -130,7 +138,10 @@ def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
     ``key=value`` parts are model options for this spec alone (YAML scalars, as ``-k``):
     ``pnnh56:path_param=init`` against ``pnnh56`` compares two settings of one model side by side.
     """
-    name, *opts = [p.strip() for p in spec.strip().split(":")]
+    parts = [p.strip() for p in spec.strip().split(":")]
+    if parts[0] in EXTERNAL_LIBRARIES and len(parts) > 1:  # timm:resnet50 is one name
+        parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]
+    name, *opts = parts
     kwargs = tuple(parse_kv(tuple(o for o in opts if "=" in o), f"model spec {spec!r}").items())
     opts = [o for o in opts if "=" not in o]
     bad = [o for o in opts if o not in SPEC_OPTIONS]
@@ -144,6 +155,69 @@ def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
                      channels_last="channels_last" in opts or bool(cfg and cfg.channels_last),
                      compile="compile" in opts or bool(cfg and cfg.compile),
                      amp=amps[0] if amps else (cfg.amp if cfg else None), kwargs=kwargs)
+
+
+# -------------------------------------------------------------------------------------------------
+# models of other libraries: timm:ARCH, torchvision:ARCH
+# -------------------------------------------------------------------------------------------------
+
+EXTERNAL_LIBRARIES = ("timm", "torchvision")
+
+
+def is_external(name: str) -> bool:
+    """Whether ``name`` is a ``timm:ARCH`` / ``torchvision:ARCH`` model rather than a registered one."""
+    return name.split(":", 1)[0] in EXTERNAL_LIBRARIES and ":" in name
+
+
+def _import_library(lib: str):
+    import importlib
+
+    try:
+        module = importlib.import_module("torchvision.models" if lib == "torchvision" else lib)
+    except Exception as e:  # ImportError, or a build of the library that does not match this torch
+        raise ConfigError(f"{lib} models need the {lib} package, which does not import here "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"pip install 'pnnh[timm]'") from None
+    return module
+
+
+def check_external(name: str, in_chans: int) -> None:
+    """Raise :class:`ConfigError` unless ``name`` (``LIB:ARCH``) can be built here with ``in_chans`` inputs."""
+    lib, arch = name.split(":", 1)
+    module = _import_library(lib)
+    known = module.list_models()  # timm.list_models, torchvision.models.list_models
+    if arch not in known:
+        import difflib
+
+        close = difflib.get_close_matches(arch, known, 3)
+        raise ConfigError(f"unknown {lib} model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if lib == "torchvision" and in_chans != 3:
+        raise ConfigError(f"{name} takes 3 input channels; run it with --in-chans 3 (got {in_chans})")
+
+
+def build_external(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+    """An untrained ``timm:ARCH`` or ``torchvision:ARCH`` model with ``num_classes`` outputs."""
+    check_external(name, in_chans)
+    lib, arch = name.split(":", 1)
+    module = _import_library(lib)
+    if lib == "timm":
+        return module.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return module.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _external_input_size(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])  # torchvision's classifiers: 224
+
+
+def build_bench_model(ms: "ModelSpec", cfg: "BenchConfig", input_size: int | None) -> nn.Module:
+    """The model of one spec as the bench measures it (before fusing, device and memory format)."""
+    kwargs = {**cfg.model_kwargs, **dict(ms.kwargs)}
+    if is_external(ms.name):  # the run's model_kwargs are pnnh options: only the spec's own apply
+        return build_external(ms.name, cfg.num_classes, cfg.in_chans, **dict(ms.kwargs))
+    if input_size is not None:
+        kwargs.setdefault("img_size", input_size)  # the engine's convention: models take img_size
+    return create_model(ms.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -279,9 +353,7 @@ class _Runner:
         self.spec, self.mode = spec, mode
         ms = self.ms = parse_spec(spec, cfg)
         torch.manual_seed(cfg.seed)
-        kwargs = {**cfg.model_kwargs, **dict(ms.kwargs)}
-        kwargs.setdefault("img_size", input_size)  # the engine's convention: models take img_size
-        model = create_model(ms.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, **kwargs)
+        model = build_bench_model(ms, cfg, input_size)
         self.params = sum(p.numel() for p in model.parameters())
         train = mode == "train"
         model.train(train)
@@ -374,9 +446,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     input_size = cfg.input_size
     if input_size is None:
         ms0 = parse_spec(cfg.models[0])
-        first = create_model(ms0.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
-                             **{**cfg.model_kwargs, **dict(ms0.kwargs)})
-        input_size = int(first.default_cfg["input_size"][-1])
+        first = build_bench_model(ms0, cfg, None)
+        input_size = (_external_input_size(first) if is_external(ms0.name)
+                      else int(first.default_cfg["input_size"][-1]))
         del first
     # The matmul peak is re-measured at the start of every round, beside the models, for every
     # dtype a model computes in (fp32, or its autocast dtype).

@@ -18,7 +18,8 @@ def _parse_kv(items):
 @click.option("--models", "model_list", required=True,
               help="Comma-separated NAME[:fused][:channels_last][:compile][:bf16|:fp16][:key=value...]; options "
                    "after a name apply to that model only (fused = pnnh.deploy, inference; key=value = a model "
-                   "option), e.g. plain56,plain56:fused or pnnh56,pnnh56:path_param=init.")
+                   "option), e.g. plain56,plain56:fused or pnnh56,pnnh56:path_param=init. timm:ARCH and "
+                   "torchvision:ARCH are those libraries' models, e.g. resnet50,timm:resnet50.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--input-size", type=int, help="Image height = width [the first model's default_cfg].")
 @click.option("--in-chans", type=int, default=1, show_default=True, help="Input channels (3 for CIFAR/ImageNet).")
