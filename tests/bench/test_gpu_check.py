@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pnnh.bench.gpu_check import JSON_NAME, MD_NAME, STEPS, _converter, main, make_plan, run_check
+from pnnh.bench.gpu_check import JSON_NAME, MD_NAME, STEPS, _converter, bench_models, main, make_plan, run_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,9 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(dry_run):
 def test_dry_run_ran_the_cuda_marked_tests(dry_run):
     tests = dry_run[1]["steps"]["cuda_tests"]
     assert "-m cuda" in tests["command"] and len(tests["cases"]) >= 10
-    assert all("test_cuda_path" in c["test"] for c in tests["cases"])
+    names = [c["test"] for c in tests["cases"]]
+    assert "test_cuda_batches_equal_cpu_batches" in " ".join(names)  # cuda-marked tests outside tests/cuda too
+    assert not any("test_loader_validation" in n for n in names)  # and only those
     if not torch.cuda.is_available():  # skipped with their stated reason, nothing hidden
         assert tests["counts"] == {"passed": 0, "failed": 0, "error": 0, "skipped": len(tests["cases"])}
         assert {c["message"] for c in tests["cases"]} == {"needs a CUDA device"}
@@ -99,3 +101,24 @@ def test_wrapper_script_runs_the_module(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "w" / JSON_NAME).read_text())
     assert list(res["steps"]) == ["environment"] and res["steps"]["environment"]["status"] == "ok"
+
+
+def test_gpu_plan_benches_the_issue_s_models(monkeypatch):
+    import types
+
+    plan = make_plan("unused")
+    assert (plan.device, plan.amp, plan.cifar_batch, plan.imagenet_batch, plan.imagenet_size) == ("cuda", "bf16", 512, 256, 224)
+    train, infer, missing = bench_models(plan, "cifar", compiled=False)
+    assert train == ["resnet56", "pnnh56", "plain56"]
+    assert infer == ["resnet56", "resnet56:fused", "pnnh56:fused", "plain56:fused"] and missing == {}
+    train, infer, _ = bench_models(plan, "imagenet", compiled=True)
+    assert train == ["resnet50", "pnnh50", "plain50", "resnet50:compile", "pnnh50:compile", "plain50:compile"]
+    assert infer == ["resnet50:fused", "pnnh50:fused", "plain50:fused",
+                     "resnet50:fused:compile", "pnnh50:fused:compile", "plain50:fused:compile"]
+    # timm importable (a stand-in), torchvision not: timm's resnet50 joins the same rounds, torchvision's is reported
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(list_models=lambda: ["resnet50"]))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    train, infer, missing = bench_models(plan, "imagenet", compiled=False)
+    assert train == ["resnet50", "pnnh50", "plain50", "timm:resnet50"]
+    assert infer == ["resnet50", "timm:resnet50", "resnet50:fused", "pnnh50:fused", "plain50:fused"]
+    assert list(missing) == ["torchvision:resnet50"] and "torchvision" in missing["torchvision:resnet50"]

