@@ -20,4 +20,5 @@ gpu-check:
 
 # Pure-Python wheels the GPU check may miss on a machine without network (copy wheels/ along with the repo).
 gpu-wheels:
-	mkdir -p wheels && $(BIN)/pip download -q --only-binary=:all: --no-deps -d wheels click tqdm pytest pluggy iniconfig packaging
+	mkdir -p wheels && $(BIN)/pip download -q --only-binary=:all: --no-deps --implementation py --platform any \
+	  --python-version 3.10 -d wheels click tqdm pytest pluggy iniconfig packaging pygments exceptiongroup tomli

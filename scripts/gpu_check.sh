@@ -44,13 +44,11 @@ if [ -n "$missing" ]; then
       || { rm -rf .venv-gpu; "$PY" -m venv --system-site-packages --without-pip .venv-gpu; }
     PY=.venv-gpu/bin/python
   fi
-  if [ -d wheels ]; then
-    # shellcheck disable=SC2086
-    "$PY" -m pip install -q --no-index --find-links wheels $missing || echo "gpu_check: warning: could not install $missing from wheels/" >&2
-  else
-    # shellcheck disable=SC2086
-    "$PY" -m pip install -q $missing || echo "gpu_check: warning: could not install $missing (no network?)" >&2
-  fi
+  src=(); [ -d wheels ] && src=(--no-index --find-links wheels)
+  for pkg in $missing; do  # one at a time: a package that cannot be had does not block the others
+    "$PY" -m pip install -q ${src[@]+"${src[@]}"} "$pkg" \
+      || echo "gpu_check: warning: could not install $pkg ${src:+from wheels/}(the steps that need it will fail)" >&2
+  done
 fi
 
 if [ -z "${PNNH_DATA:-}" ] && [ -d data/fashion-mnist ]; then export PNNH_DATA=$PWD/data; fi
