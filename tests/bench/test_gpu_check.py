@@ -122,3 +122,25 @@ def test_gpu_plan_benches_the_issue_s_models(monkeypatch):
     assert train == ["resnet50", "pnnh50", "plain50", "timm:resnet50"]
     assert infer == ["resnet50", "timm:resnet50", "resnet50:fused", "pnnh50:fused", "plain50:fused"]
     assert list(missing) == ["torchvision:resnet50"] and "torchvision" in missing["torchvision:resnet50"]
+
+
+def test_convert_step_trains_the_converted_net_and_fails_on_a_residual_one(tmp_path, monkeypatch):
+    import pnnh
+    from pnnh.bench.gpu_check import step_convert
+
+    plan = make_plan(tmp_path, dry_run=True)
+    seen = []
+
+    def to_plain(model, to):  # a stand-in converter: the plain twin of the same layout
+        seen.append((type(model).__name__, to))
+        return pnnh.create_model("plain18", num_classes=1000, in_chans=3, img_size=32, width=0.25)
+
+    monkeypatch.setattr(pnnh, "convert", to_plain, raising=False)
+    res = step_convert(plan, lambda partial: None)
+    assert seen == [("ResNet", "pnnh")] and res.get("status", "ok") == "ok"
+    assert res["residual_connections"] == 0 and len(res["losses"]) == plan.convert_steps
+    assert res["train_img_per_s"] > 0 and res["params_converted"] < res["params_source"]
+
+    monkeypatch.setattr(pnnh, "convert", lambda model, to: model)  # "converts" to the same residual net
+    res = step_convert(plan, lambda partial: None)
+    assert res["status"] == "failed" and res["residual_connections"] > 0
