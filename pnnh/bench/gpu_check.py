@@ -183,8 +183,8 @@ def step_cuda_tests(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
             el = case.find(tag)
             if el is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (el.get("message") or el.text or "").strip().splitlines()[0][:300] if (
-                    el.get("message") or el.text) else ""
+                text = (el.get("message") or el.text or "").strip()
+                message = text.splitlines()[0][:300] if text else ""
                 break
         cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
                       "seconds": round(float(case.get("time") or 0), 2), "message": message})
