@@ -34,9 +34,11 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_model
+from .layers import dirac_weight, init_dirac_param_
 
 __all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
-           "PlainBlock", "PNNHBlock", "BLOCKS", "FAMILIES", "SIZES", "DEPTHS", "vit"]
+           "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
+           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit"]
 
 
 def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
@@ -55,8 +57,9 @@ def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
                           f"build it with img_size={h}" + ("" if h == w else " (square inputs only)"))
 
 
-# A leaf for torch.fx: the check is recorded as one call, not traced into (it branches on shapes).
+# Leaves for torch.fx: each is recorded as one call, not traced into (they branch on shapes / flags).
 torch.fx.wrap("check_input_size")
+torch.fx.wrap("dirac_weight")
 
 
 class PatchEmbed(nn.Module):
@@ -180,10 +183,14 @@ class MirrorCoder(nn.Module):
         e = F.linear(x, self.enc * self.gain)
         return torch.cat([F.relu(e), F.relu(-e)], dim=-1)
 
-    def project(self, h: torch.Tensor, x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
-        """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``."""
+    def project(self, h: torch.Tensor | list[torch.Tensor], x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
+        """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``.
+
+        ``h`` is the learner's features, or a list of them (concatenated in order, one copy).
+        """
+        hs = list(h) if isinstance(h, (list, tuple)) else [h]
         weight = torch.cat([consumer.weight, self.dec * self.gain], dim=1)
-        return F.linear(torch.cat([h, self(x)], dim=-1), weight, consumer.bias)
+        return F.linear(torch.cat(hs + [self(x)], dim=-1), weight, consumer.bias)
 
     @torch.no_grad()
     def init_looks_linear_(self) -> None:
@@ -277,7 +284,211 @@ class PNNHBlock(nn.Module):
         return x
 
 
-BLOCKS = {"residual": Block, "plain": PlainBlock, "pnnh": PNNHBlock}
+class PNNHParallelBlock(nn.Module):
+    """One plain PNNH layer per block: attention heads and MLP units side by side as the learner.
+
+    ``z = [P | W2 | D] [drop_path(A(LN x) ; gelu(W1 LN x + b1)) ; relu(E x) ; relu(-E x)] + b``
+
+    ``A`` is the heads' output before projection; ``q, k, v`` and ``W1 LN x`` come from one matmul
+    (``in_proj``), and ``P``, ``W2`` and the coder's decoder ``D`` are one output projection
+    (``proj`` plus :class:`MirrorCoder` columns). The block's hidden layer has
+    ``round(mlp_ratio * dim)`` units, ``2 * coder_dim`` of which are the mirrored code and the
+    rest GELU learner units, so at ``coder_dim = dim`` and ``mlp_ratio = 4`` a block holds
+    ``11 dim^2`` weights against the residual block's ``12 dim^2``. The coder reads the raw token
+    (LayerNorm is not on the internal path). With the looks-linear coder init the block computes
+    the parallel residual block ``x + P A(LN x) + W2 gelu(W1 LN x)`` (GPT-J / ViT-22B) at
+    initialisation; there is no addition in its graph.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 coder_dim: int | None = None, coder_gain: float = 1.0):
+        super().__init__()
+        coder_dim = dim if coder_dim is None else coder_dim
+        if not 1 <= coder_dim <= dim:
+            raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
+        if dim % num_heads:
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        hidden = round(mlp_ratio * dim) - 2 * coder_dim
+        if hidden < 1:
+            raise ConfigError(f"coder='block' puts the 2 x {coder_dim} code units inside the {round(mlp_ratio * dim)} "
+                              f"hidden units of mlp_ratio={mlp_ratio}, leaving no learner units; raise mlp_ratio "
+                              f"or lower coder_ratio")
+        self.dim, self.hidden, self.num_heads, self.head_dim = dim, hidden, num_heads, dim // num_heads
+        self.attn_drop = attn_drop
+        self.norm = nn.LayerNorm(dim)
+        if not qkv_bias:
+            raise ConfigError("coder='block' computes q, k, v and the MLP's first layer in one biased linear; "
+                              "qkv_bias=False is not supported there")
+        self.in_proj = nn.Linear(dim, 3 * dim + hidden)  # [q; k; v; W1]
+        self.act = nn.GELU()
+        self.proj = nn.Linear(dim + hidden, dim)  # [P | W2]
+        self.coder = MirrorCoder(dim, coder_dim, coder_gain)
+        self.drop = nn.Dropout(proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def init_coders_(self) -> None:
+        self.coder.init_looks_linear_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # shapes come from constants, not from x.shape: the learner must not read x past the norm
+        qkv, u = self.in_proj(self.norm(x)).split([3 * self.dim, self.hidden], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        a = a.transpose(1, 2).flatten(2)
+        learner = self.drop_path(self.drop(torch.cat([a, self.act(u)], dim=-1)))
+        return self.coder.project(learner, x, self.proj)
+
+
+class DiracLinear(nn.Module):
+    """A linear layer with the identity in its parametrisation: ``W = diag(a) I + diag(b) V/|V|``.
+
+    DiracNets (Zagoruyko & Komodakis 2017) for a linear map: ``I`` is ``torch.eye(out, in)`` (the
+    identity on a square map; the first ``min(out, in)`` units on a rectangular one), a buffer;
+    ``V`` is trained, each row normalised; ``a = 1`` and ``b = 0.1`` per output unit at init, ``V``
+    He directions at row norm ``b`` (:func:`~pnnh.models.layers.init_dirac_param_`). Weight decay
+    and Adam's steps on ``V`` cannot erase the identity. One matmul at run time, no addition of
+    activations.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, beta: float = 0.1):
+        super().__init__()
+        self.in_features, self.out_features, self.beta0 = in_features, out_features, beta
+        self.register_buffer("path", torch.eye(out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.alpha = nn.Parameter(torch.empty(out_features))
+        self.beta = nn.Parameter(torch.empty(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.alpha.fill_(1.0)
+        self.beta.fill_(self.beta0)
+        init_dirac_param_(self.weight, self.beta0)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def effective_weight(self) -> torch.Tensor:
+        return dirac_weight(self.path, self.alpha, self.weight, self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class DiracBlock(PlainBlock):
+    """A plain block (no adds) whose four linears are :class:`DiracLinear`: a DiracNet-style plain ViT.
+
+    ``q``, ``k``, ``v`` and the attention projection get ``W = a I + b V/|V|``; the MLP's
+    ``D -> hidden -> D`` linears get the identity on their first ``D`` hidden units, so a token
+    starts on a path ``LN -> I -> (near-self) attention -> I -> LN -> I -> GELU -> I``. The path is
+    in the parametrisation, not in a connection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, proj_drop, attn_drop, drop_path)
+        hidden = self.mlp.fc1.out_features
+        self.attn.qkv = DiracLinear(dim, 3 * dim, bias=qkv_bias)
+        with torch.no_grad():  # [I; I; I]: q, k and v each start as the identity
+            self.attn.qkv.path.copy_(torch.eye(dim).repeat(3, 1))
+        self.attn.proj = DiracLinear(dim, dim)
+        self.mlp.fc1 = DiracLinear(dim, hidden)
+        self.mlp.fc2 = DiracLinear(hidden, dim)
+
+
+class ShapedAttention(nn.Module):
+    """Self-attention with a shaped attention matrix ``M_h = a_h I + b_h softmax(q k^T / sqrt(d)) - c_h U``.
+
+    ``U`` is the uniform matrix ``1/N``; ``a, b, c`` are trained, one per head. Two inits:
+
+    - ``"shaped"`` (Noci et al. 2023; He & Hofmann 2024): ``a = b = c = 1`` and ``W_q = 0``, so
+      the softmax is uniform and ``M = I`` at init;
+    - ``"value_skipinit"`` (He et al. 2023): ``a = 1``, ``b = 0``, no centring term (``c = 0``,
+      not trained): ``M = I`` at init.
+
+    The value and output projections start as the identity (``W_v = W_P = I``), so the sub-layer
+    starts as the identity on its (normalised) input. The attention matrix is formed explicitly.
+    """
+
+    SHAPES = ("shaped", "value_skipinit")
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 shape: str = "shaped"):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if shape not in self.SHAPES:
+            raise ConfigError(f"unknown attn_shape {shape!r}; use {', '.join(self.SHAPES)}")
+        self.num_heads, self.head_dim, self.shape = num_heads, dim // num_heads, shape
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        centred = shape == "shaped"
+        self.skip_gain = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.attn_gain = nn.Parameter(torch.full((num_heads, 1, 1), 1.0 if centred else 0.0))
+        if centred:
+            self.centre_gain = nn.Parameter(torch.ones(num_heads, 1, 1))
+        else:
+            self.register_buffer("centre_gain", torch.zeros(num_heads, 1, 1))
+
+    @torch.no_grad()
+    def init_identity_(self) -> None:
+        """``W_v = W_P = I`` (zero biases); ``W_q = 0`` for the shaped init."""
+        dim = self.proj.in_features
+        self.qkv.weight[2 * dim:].copy_(torch.eye(dim))
+        self.proj.weight.copy_(torch.eye(dim))
+        if self.qkv.bias is not None:
+            self.qkv.bias.zero_()
+        self.proj.bias.zero_()
+        if self.shape == "shaped":
+            self.qkv.weight[:dim].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        eye = torch.eye(N, dtype=x.dtype, device=x.device)
+        attn = self.attn_drop(self.attn_gain * scores.softmax(dim=-1))
+        mix = attn + (self.skip_gain * eye - self.centre_gain / N)
+        x = (mix @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class SkiplessBlock(nn.Module):
+    """He & Hofmann's skipless parallel block (2024) with a shaped or value-SkipInit attention matrix.
+
+    ``z = SA(LN x) + g * mlp(LN x)``: one LayerNorm, attention (:class:`ShapedAttention`) and MLP
+    side by side, no skip. ``g`` is a trained scalar, 0.1 at init (their default); the token's path
+    is the ``a I`` term of the attention matrix with identity-initialised value and projection, so
+    at init the block computes ``LN x + 0.1 mlp(LN x)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 attn_shape: str = "shaped"):
+        super().__init__()
+        if drop_path > 0:
+            raise ConfigError("drop_path_rate needs a residual or PNNH ViT: a skipless block has no branch to drop")
+        self.norm = nn.LayerNorm(dim)
+        self.attn = ShapedAttention(dim, num_heads, qkv_bias, attn_drop, attn_shape)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.mlp_gain = nn.Parameter(torch.tensor(0.1))
+
+    def init_identity_(self) -> None:
+        self.attn.init_identity_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.attn(x) + self.mlp_gain * self.mlp(x)
+
+
+BLOCKS = {"residual": Block, "plain": PlainBlock, "pnnh": PNNHBlock, "dirac": DiracBlock,
+          "skipless": SkiplessBlock}
+PNNH_CODERS = {"sublayer": PNNHBlock, "block": PNNHParallelBlock}  # the ``coder`` option of PNNH ViTs
 
 
 class VisionTransformer(nn.Module):
@@ -305,7 +516,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, block: str = "residual", global_pool: str = "token",
-                 coder_ratio: float | None = None, coder_gain: float | None = None, drop_rate: float = 0.0,
+                 coder: str | None = None, coder_ratio: float | None = None, coder_gain: float | None = None,
+                 attn_shape: str | None = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
         super().__init__()
@@ -319,17 +531,30 @@ class VisionTransformer(nn.Module):
                         ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0 <= p < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {p}")
-        if block != "pnnh" and (coder_ratio is not None or coder_gain is not None):
-            raise ConfigError(f"coder_ratio and coder_gain are options of PNNH ViTs (pnnh_vit_*); "
+        if block != "pnnh" and (coder is not None or coder_ratio is not None or coder_gain is not None):
+            raise ConfigError(f"coder, coder_ratio and coder_gain are options of PNNH ViTs (pnnh_vit_*); "
                               f"a {block} ViT has no coder")
+        if block != "skipless" and attn_shape is not None:
+            raise ConfigError(f"attn_shape is an option of skipless ViTs (skipless_vit_*); a {block} ViT has "
+                              f"softmax attention")
+        coder = "sublayer" if coder is None else coder
         coder_ratio = 1.0 if coder_ratio is None else coder_ratio
         coder_gain = 0.1 if coder_gain is None else coder_gain
+        if coder not in PNNH_CODERS:
+            raise ConfigError(f"unknown coder {coder!r}; use {', '.join(PNNH_CODERS)}")
         if not 0 < coder_ratio <= 1:
             raise ConfigError(f"coder_ratio must be in (0, 1], got {coder_ratio}")
         self.num_classes, self.in_chans, self.global_pool, self.block_kind = num_classes, in_chans, global_pool, block
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
-        extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain) if block == "pnnh" else {}
+        self.coder = coder if block == "pnnh" else None
+        block_cls = PNNH_CODERS[coder] if block == "pnnh" else BLOCKS[block]
+        if block == "pnnh":
+            extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain)
+        elif block == "skipless":
+            extra = dict(attn_shape="shaped" if attn_shape is None else attn_shape)
+        else:
+            extra = {}
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
@@ -337,7 +562,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.layers = nn.Sequential(*[
-            BLOCKS[block](embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], **extra)
+            block_cls(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], **extra)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
@@ -351,8 +576,10 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         """timm's ViT init: trunc-normal(0.02) linears and position embedding, zero biases, unit norms.
 
-        PNNH blocks then set their coders looks-linear (the coder carries its input at init).
-        The patch-embedding conv keeps PyTorch's default init, as in timm.
+        PNNH blocks then set their coders looks-linear (the coder carries its input at init); skipless
+        blocks set their value and projection to the identity; :class:`DiracLinear` layers keep their
+        own init (identity path, ``V`` at row norm ``b``). The patch-embedding conv keeps PyTorch's
+        default init, as in timm.
         """
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -366,8 +593,10 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for blk in self.layers:
-            if isinstance(blk, PNNHBlock):
+            if isinstance(blk, (PNNHBlock, PNNHParallelBlock)):
                 blk.init_coders_()
+            elif isinstance(blk, SkiplessBlock):
+                blk.init_identity_()
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay (timm's hook)."""
@@ -417,7 +646,8 @@ class VisionTransformer(nn.Module):
 # tiny = DeiT-tiny's width (192, 3 heads); mini = half of it, small enough for CPU studies.
 SIZES = {"mini": dict(embed_dim=96, num_heads=3), "tiny": dict(embed_dim=192, num_heads=3)}
 DEPTHS = (6, 12, 24)
-FAMILIES = {"vit": "residual", "plain_vit": "plain", "pnnh_vit": "pnnh"}  # family -> block kind
+FAMILIES = {"vit": "residual", "plain_vit": "plain", "pnnh_vit": "pnnh", "dirac_vit": "dirac",
+            "skipless_vit": "skipless"}  # family -> block kind
 
 
 def vit(size: str = "tiny", depth: int = 12, block: str = "residual", **kwargs) -> VisionTransformer:
@@ -429,7 +659,9 @@ def vit(size: str = "tiny", depth: int = 12, block: str = "residual", **kwargs) 
 
 _DOCS = {"residual": "ViT-{S}, depth {d}: pre-norm residual blocks (ViT/DeiT).",
          "plain": "Plain ViT-{S}, depth {d}: the residual ViT's layers with both residual adds removed.",
-         "pnnh": "PNNH ViT-{S}, depth {d}: learner + mirrored weight-sharing coder in attention and MLP, no residual add."}
+         "pnnh": "PNNH ViT-{S}, depth {d}: learner + mirrored weight-sharing coder in attention and MLP, no residual add.",
+         "dirac": "DiracNet-style plain ViT-{S}, depth {d}: W = a I + b V/|V| in every block linear, no residual add.",
+         "skipless": "Skipless ViT-{S}, depth {d}: parallel block, shaped attention a I + b softmax - c U, no skip."}
 
 
 def _entry_point(name: str, size: str, depth: int, kind: str):
