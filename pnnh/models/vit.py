@@ -178,10 +178,18 @@ class MirrorCoder(nn.Module):
         self.dec = nn.Parameter(torch.empty(dim, 2 * coder_dim))
         self.init_looks_linear_()
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``E x``, the code before the mirrored ReLU."""
+        return F.linear(x, self.enc * self.gain)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The code ``[relu(E x), relu(-E x)]``, shape ``(..., 2 * coder_dim)``."""
-        e = F.linear(x, self.enc * self.gain)
+        e = self.encode(x)
         return torch.cat([F.relu(e), F.relu(-e)], dim=-1)
+
+    def consumer_weight(self, consumer: nn.Linear) -> torch.Tensor:
+        """``[W | D]``: the consumer's weight with the coder's decoder columns appended."""
+        return torch.cat([consumer.weight, self.dec * self.gain], dim=1)
 
     def project(self, h: torch.Tensor | list[torch.Tensor], x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
         """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``.
@@ -189,8 +197,7 @@ class MirrorCoder(nn.Module):
         ``h`` is the learner's features, or a list of them (concatenated in order, one copy).
         """
         hs = list(h) if isinstance(h, (list, tuple)) else [h]
-        weight = torch.cat([consumer.weight, self.dec * self.gain], dim=1)
-        return F.linear(torch.cat(hs + [self(x)], dim=-1), weight, consumer.bias)
+        return F.linear(torch.cat(hs + [self(x)], dim=-1), self.consumer_weight(consumer), consumer.bias)
 
     @torch.no_grad()
     def init_looks_linear_(self) -> None:
@@ -284,6 +291,41 @@ class PNNHBlock(nn.Module):
         return x
 
 
+class _BlockFeatures(torch.autograd.Function):
+    """``[a ; gelu(u) ; relu(e) ; relu(-e)]`` written once into one buffer.
+
+    The eager form (GELU, two ReLUs, a negation and two concatenations, and their backwards) makes
+    four extra tensors per block and step; this makes one. The backward hands ``a`` its slice of
+    the gradient, ``u`` GELU's backward, and ``e`` the mirrored pair's ``g+ [e > 0] - g- [e < 0]``.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        d, h, c = a.shape[-1], u.shape[-1], e.shape[-1]
+        y = a.new_empty(a.shape[:-1] + (d + h + 2 * c,))
+        y[..., :d] = a
+        torch.ops.aten.gelu.out(u, out=y[..., d:d + h])
+        torch.clamp_min(e, 0, out=y[..., d + h:d + h + c])
+        torch.neg(e, out=y[..., d + h + c:]).clamp_(min=0)
+        ctx.save_for_backward(u, e)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        u, e = ctx.saved_tensors
+        h, c = u.shape[-1], e.shape[-1]
+        d = g.shape[-1] - h - 2 * c
+        g_u = torch.ops.aten.gelu_backward(g[..., d:d + h], u)
+        g_e = torch.where(e > 0, g[..., d + h:d + h + c], -g[..., d + h + c:]).masked_fill_(e == 0, 0)
+        return g[..., :d], g_u, g_e
+
+
+def block_features(a: torch.Tensor, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``cat([a, gelu(u), relu(e), relu(-e)], -1)`` in one buffer (one autograd node)."""
+    return _BlockFeatures.apply(a, u, e)
+
+
 class PNNHParallelBlock(nn.Module):
     """One plain PNNH layer per block: attention heads and MLP units side by side as the learner.
 
@@ -326,6 +368,7 @@ class PNNHParallelBlock(nn.Module):
         self.coder = MirrorCoder(dim, coder_dim, coder_gain)
         self.drop = nn.Dropout(proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fused = proj_drop == 0 and drop_path == 0  # no dropout on the learner: one-buffer features
 
     def init_coders_(self) -> None:
         self.coder.init_looks_linear_()
@@ -336,6 +379,9 @@ class PNNHParallelBlock(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         a = a.transpose(1, 2).flatten(2)
+        if self.fused and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            features = block_features(a, u, self.coder.encode(x))  # the same function as below, one buffer
+            return F.linear(features, self.coder.consumer_weight(self.proj), self.proj.bias)
         learner = self.drop_path(self.drop(torch.cat([a, self.act(u)], dim=-1)))
         return self.coder.project(learner, x, self.proj)
 
@@ -411,7 +457,8 @@ class ShapedAttention(nn.Module):
       not trained): ``M = I`` at init.
 
     The value and output projections start as the identity (``W_v = W_P = I``), so the sub-layer
-    starts as the identity on its (normalised) input. The attention matrix is formed explicitly.
+    starts as the identity on its (normalised) input. ``M v`` is computed as
+    ``b sdpa(q, k, v) + a v - c mean(v)`` (the fused softmax attention, no ``N x N`` matrix built).
     """
 
     SHAPES = ("shaped", "value_skipinit")
@@ -426,7 +473,7 @@ class ShapedAttention(nn.Module):
         self.num_heads, self.head_dim, self.shape = num_heads, dim // num_heads, shape
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop = attn_drop
         centred = shape == "shaped"
         self.skip_gain = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.attn_gain = nn.Parameter(torch.full((num_heads, 1, 1), 1.0 if centred else 0.0))
@@ -450,12 +497,9 @@ class ShapedAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-        eye = torch.eye(N, dtype=x.dtype, device=x.device)
-        attn = self.attn_drop(self.attn_gain * scores.softmax(dim=-1))
-        mix = attn + (self.skip_gain * eye - self.centre_gain / N)
-        x = (mix @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        mix = self.attn_gain * attn + self.skip_gain * v - self.centre_gain * v.mean(dim=-2, keepdim=True)
+        return self.proj(mix.transpose(1, 2).reshape(B, N, C))
 
 
 class SkiplessBlock(nn.Module):
