@@ -9,7 +9,9 @@ import torch.nn as nn
 
 import pnnh
 from pnnh.errors import ConfigError
-from pnnh.models.vit import Block, MirrorCoder, PlainBlock, PNNHBlock, VisionTransformer
+from pnnh.analysis.structure import find_residual_connections
+from pnnh.models.vit import (Block, DiracBlock, DiracLinear, MirrorCoder, PlainBlock, PNNHBlock, PNNHParallelBlock,
+                             ShapedAttention, SkiplessBlock, VisionTransformer)
 
 
 def small(block="residual", **kw) -> VisionTransformer:
@@ -20,7 +22,7 @@ def small(block="residual", **kw) -> VisionTransformer:
 
 
 def test_registry_names_families_and_depths():
-    for family in ("vit", "plain_vit", "pnnh_vit"):
+    for family in ("vit", "plain_vit", "pnnh_vit", "dirac_vit", "skipless_vit"):
         names = pnnh.list_models(family=family)
         assert names == [f"{family}_{s}_d{d}" for s in ("mini", "tiny") for d in (6, 12, 24)]
         for n in names:
@@ -29,14 +31,18 @@ def test_registry_names_families_and_depths():
     m = pnnh.create_model("pnnh_vit_tiny_d6")
     assert m.embed_dim == 192 and len(m.blocks()) == 6 and all(isinstance(b, PNNHBlock) for b in m.blocks())
     assert all(isinstance(b, PlainBlock) for b in pnnh.create_model("plain_vit_mini_d6").blocks())
+    assert all(isinstance(b, PNNHParallelBlock) for b in pnnh.create_model("pnnh_vit_mini_d6", coder="block").blocks())
+    assert all(isinstance(b, DiracBlock) for b in pnnh.create_model("dirac_vit_mini_d6").blocks())
+    assert all(isinstance(b, SkiplessBlock) for b in pnnh.create_model("skipless_vit_mini_d6").blocks())
     with pytest.raises(ConfigError, match="fixes depth"):
         pnnh.create_model("vit_mini_d6", depth=3)
 
 
-@pytest.mark.parametrize("block", ["residual", "plain", "pnnh"])
+@pytest.mark.parametrize("block,kw", [("residual", {}), ("plain", {}), ("pnnh", {}), ("pnnh", {"coder": "block"}),
+                                      ("dirac", {}), ("skipless", {}), ("skipless", {"attn_shape": "value_skipinit"})])
 @pytest.mark.parametrize("pool,patch,tokens", [("token", 7, 1 + 16), ("avg", 4, 49)])
-def test_shapes_and_pooling(block, pool, patch, tokens):
-    m = small(block, global_pool=pool, patch_size=patch, num_classes=7).eval()
+def test_shapes_and_pooling(block, kw, pool, patch, tokens):
+    m = small(block, global_pool=pool, patch_size=patch, num_classes=7, **kw).eval()
     x = torch.randn(3, 1, 28, 28)
     feats = m.forward_features(x)
     assert feats.shape == (3, tokens, 32)
@@ -91,17 +97,29 @@ def test_bad_options_are_config_errors():
         small("pnnh", coder_gain=0)
     with pytest.raises(ConfigError, match="options of PNNH ViTs"):
         pnnh.create_model("vit_mini_d6", coder_gain=0.1)
+    with pytest.raises(ConfigError, match="options of PNNH ViTs"):
+        pnnh.create_model("skipless_vit_mini_d6", coder="block")
+    with pytest.raises(ConfigError, match="unknown coder 'tied'; use sublayer, block"):
+        small("pnnh", coder="tied")
+    with pytest.raises(ConfigError, match="leaving no learner units"):
+        small("pnnh", coder="block", mlp_ratio=2)
+    with pytest.raises(ConfigError, match="attn_shape is an option of skipless"):
+        pnnh.create_model("vit_mini_d6", attn_shape="shaped")
+    with pytest.raises(ConfigError, match="unknown attn_shape"):
+        small("skipless", attn_shape="e-spa")
+    with pytest.raises(ConfigError, match="skipless block has no branch"):
+        small("skipless", drop_path_rate=0.1)
     with pytest.raises(ConfigError, match="global_pool"):
         small(global_pool="max")
     with pytest.raises(ConfigError, match="block"):
         small("highway")
 
 
-@pytest.mark.parametrize("block", ["residual", "pnnh"])
-def test_drop_path_is_identity_in_eval_and_random_in_train(block):
+@pytest.mark.parametrize("block,kw", [("residual", {}), ("pnnh", {}), ("pnnh", {"coder": "block"})])
+def test_drop_path_is_identity_in_eval_and_random_in_train(block, kw):
     torch.manual_seed(0)
-    a = small(block, drop_path_rate=0.5, depth=3)
-    b = small(block, drop_path_rate=0.0, depth=3)
+    a = small(block, drop_path_rate=0.5, depth=3, **kw)
+    b = small(block, drop_path_rate=0.0, depth=3, **kw)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 1, 28, 28)
     a.eval(), b.eval()
@@ -228,3 +246,135 @@ def test_tiny_pnnh_training_run_learns(tmp_path, fmnist_dir):
     s = train(cfg)
     assert s["test_acc"] > 0.3, s["test_acc"]  # 10 classes: chance is 0.1
     assert s["curve"][-1][1] < s["curve"][0][1] - 0.2
+
+
+# -- coder="block": one PNNH layer per block --------------------------------------------------------
+
+def _perturbed_parallel_block(dim=32, heads=2, **kw) -> PNNHParallelBlock:
+    torch.manual_seed(0)
+    b = PNNHParallelBlock(dim, heads, coder_gain=0.1, **kw)
+    for lin in (b.in_proj, b.proj):  # learner weights large enough to matter
+        nn.init.trunc_normal_(lin.weight, std=0.2)
+        nn.init.normal_(lin.bias, std=0.1)
+    return b
+
+
+def test_parallel_pnnh_block_carries_its_input_at_init():
+    """Looks-linear coder: the block is x + P A(LN x) + W2 gelu(W1 LN x) + b, the parallel residual block."""
+    b = _perturbed_parallel_block()
+    x = torch.randn(3, 17, 32)
+    qkv, u = b.in_proj(b.norm(x)).split([96, b.hidden], dim=-1)
+    q, k, v = qkv.unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4).unbind(0)
+    a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    expect = x + b.proj(torch.cat([a, nn.functional.gelu(u)], dim=-1))
+    torch.testing.assert_close(b(x), expect, rtol=1e-5, atol=1e-5)
+    # the path runs through the coder's ReLUs: off looks-linear, the block is no longer x + f(x)
+    with torch.no_grad():
+        b.coder.dec[:, 32:] *= 0.5
+    assert not torch.allclose(b(x), expect, atol=1e-3)
+    # the learner is 4 * 32 hidden units minus the 2 * 32 mirrored code units
+    assert b.hidden == 64 and b.coder.coder_dim == 32
+
+
+def test_parallel_pnnh_block_one_buffer_equals_the_eager_form():
+    """The fused feature buffer computes exactly the concatenations of the eager form, forward and backward."""
+    b = _perturbed_parallel_block()
+    with torch.no_grad():
+        b.coder.enc.add_(torch.randn_like(b.coder.enc))
+        b.coder.dec.add_(torch.randn_like(b.coder.dec))
+    results = []
+    for fused in (True, False):
+        b.fused = fused
+        b.zero_grad()
+        x = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = b(x)
+        y.pow(2).sum().backward()
+        results.append([y, x.grad] + [p.grad for p in b.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", ["mini", "tiny"])
+@pytest.mark.parametrize("depth", [12, 24])
+def test_block_coder_costs_no_more_parameters_than_the_residual_vit(size, depth):
+    n = lambda m: sum(q.numel() for q in m.parameters())
+    res = n(pnnh.create_model(f"vit_{size}_d{depth}"))
+    block = pnnh.create_model(f"pnnh_vit_{size}_d{depth}", coder="block")
+    dim = block.embed_dim
+    assert n(block) <= 0.92 * res  # 11 dim^2 against 12 dim^2 weights per block
+    assert n(pnnh.create_model(f"pnnh_vit_{size}_d{depth}", coder="block", mlp_ratio=4.5)) <= res
+    # per block: [q; k; v; W1] (dim x 5 dim), E (dim x dim), [P | W2 | D] (dim x 5 dim), biases, one norm
+    per_block = sum(q.numel() for q in block.blocks()[0].parameters())
+    assert per_block == 5 * dim * dim + 5 * dim + dim * dim + 5 * dim * dim + dim + 2 * dim
+
+
+def test_new_families_have_no_residual_connection():
+    for name, kw in (("pnnh_vit_mini_d6", {"coder": "block"}), ("dirac_vit_mini_d6", {}), ("skipless_vit_mini_d6", {}),
+                     ("skipless_vit_mini_d6", {"attn_shape": "value_skipinit"})):
+        m = pnnh.create_model(name, patch_size=7, **kw).eval()
+        assert find_residual_connections(m) == [], name
+        gm = torch.fx.symbolic_trace(m)  # the traced graph (eager concatenations) is the model's function
+        x = torch.randn(2, 1, 28, 28)
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+    # in a block-coder PNNH block the input feeds only the norm and the coder's encoder
+    gm = torch.fx.symbolic_trace(PNNHParallelBlock(32, 2))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    users = sorted((u.op, getattr(u.target, "__name__", u.target)) for u in x.users)
+    assert users == [("call_function", "linear"), ("call_module", "norm")]
+
+
+# -- rivals: DiracNet-style plain ViT, skipless ViT with shaped / value-SkipInit attention ---------
+
+def test_dirac_linear_keeps_the_identity_in_its_parametrisation():
+    torch.manual_seed(0)
+    lin = DiracLinear(16, 16)
+    x = torch.randn(5, 16)
+    w = lin.effective_weight()
+    rows = lin.weight / lin.weight.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(w, torch.eye(16) + 0.1 * rows)
+    # V enters only through its direction: scaling it (weight decay, large Adam steps) changes nothing
+    y = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(1e-3)
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        lin.beta.zero_()
+    torch.testing.assert_close(lin(x), x)  # b = 0: exactly the identity
+    wide = DiracLinear(8, 24)  # a rectangular map: the identity on its first 8 units
+    torch.testing.assert_close(wide.path, torch.eye(24, 8))
+
+
+def test_dirac_block_starts_with_identity_paths_everywhere():
+    m = pnnh.create_model("dirac_vit_mini_d6", patch_size=7)
+    for b in m.blocks():
+        assert all(isinstance(lin, DiracLinear) for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
+        torch.testing.assert_close(b.attn.qkv.path, torch.eye(96).repeat(3, 1))
+        assert b.mlp.fc1.path.shape == (384, 96) and b.mlp.fc1.path[:96].equal(torch.eye(96))
+
+
+@pytest.mark.parametrize("shape", ["shaped", "value_skipinit"])
+def test_shaped_attention_is_the_identity_at_init_and_its_formula_after(shape):
+    """M = a I + b softmax(q k^T / sqrt(d)) - c U; identity value / projection and M = I at init."""
+    m = small("skipless", attn_shape=shape)
+    attn = m.blocks()[0].attn
+    x = torch.randn(3, 17, 32)
+    torch.testing.assert_close(attn(x), x, rtol=1e-5, atol=1e-5)
+    # perturbed: the fused form equals the explicit attention matrix
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4).unbind(0)
+    s = (q @ k.transpose(-2, -1) / 4.0).softmax(-1)
+    mix = attn.skip_gain * torch.eye(17) + attn.attn_gain * s - attn.centre_gain / 17
+    expect = attn.proj((mix @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(attn(x), expect, rtol=1e-5, atol=1e-5)
+    assert isinstance(attn, ShapedAttention) and attn.centre_gain.requires_grad == (shape == "shaped")
+
+
+def test_skipless_block_at_init_is_norm_plus_scaled_mlp():
+    m = small("skipless")
+    b = m.blocks()[0]
+    x = torch.randn(3, 17, 32)
+    h = b.norm(x)
+    torch.testing.assert_close(b(x), h + 0.1 * b.mlp(h), rtol=1e-5, atol=1e-5)
