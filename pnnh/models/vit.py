@@ -188,8 +188,19 @@ class MirrorCoder(nn.Module):
         return torch.cat([F.relu(e), F.relu(-e)], dim=-1)
 
     def consumer_weight(self, consumer: nn.Linear) -> torch.Tensor:
-        """``[W | D]``: the consumer's weight with the coder's decoder columns appended."""
+        """``[W | D+ | D-]``: the consumer's weight with the coder's decoder columns appended."""
         return torch.cat([consumer.weight, self.dec * self.gain], dim=1)
+
+    def consumer_weight_rebased(self, consumer: nn.Linear) -> torch.Tensor:
+        """``[W | D+ + D- | -D-]``: the weight that reads ``[h ; relu(e) ; e]`` as ``[W | D] [h ; code]``.
+
+        ``relu(-e) = relu(e) - e``, so ``D+ relu(e) + D- relu(-e) = (D+ + D-) relu(e) - D- e``:
+        the same function of the same parameters (gradients reach ``D+`` and ``D-`` through this
+        expression), with one ReLU instead of a mirrored pair.
+        """
+        dec = self.dec * self.gain
+        pos, neg = dec[:, :self.coder_dim], dec[:, self.coder_dim:]
+        return torch.cat([consumer.weight, pos + neg, -neg], dim=1)
 
     def project(self, h: torch.Tensor | list[torch.Tensor], x: torch.Tensor, consumer: nn.Linear) -> torch.Tensor:
         """``consumer.weight h + D code(x) + consumer.bias``: one linear layer over ``[h ; code(x)]``.
@@ -292,11 +303,13 @@ class PNNHBlock(nn.Module):
 
 
 class _BlockFeatures(torch.autograd.Function):
-    """``[a ; gelu(u) ; relu(e) ; relu(-e)]`` written once into one buffer.
+    """``[a ; gelu(u) ; relu(e) ; e]`` written once into one buffer.
 
-    The eager form (GELU, two ReLUs, a negation and two concatenations, and their backwards) makes
-    four extra tensors per block and step; this makes one. The backward hands ``a`` its slice of
-    the gradient, ``u`` GELU's backward, and ``e`` the mirrored pair's ``g+ [e > 0] - g- [e < 0]``.
+    Read by ``[P | W2 | D+ + D- | -D-]`` (:meth:`MirrorCoder.consumer_weight_rebased`) it gives
+    exactly ``[P | W2 | D+ | D-] [a ; gelu(u) ; relu(e) ; relu(-e)]``. The eager form (GELU, two
+    ReLUs, a negation, two concatenations and their backwards) makes four extra tensors per block
+    and step; this makes one. The backward hands ``a`` its slice of the gradient, ``u`` GELU's
+    backward and ``e`` ``g_lin + g_relu [e > 0]``.
     """
 
     @staticmethod
@@ -306,7 +319,7 @@ class _BlockFeatures(torch.autograd.Function):
         y[..., :d] = a
         torch.ops.aten.gelu.out(u, out=y[..., d:d + h])
         torch.clamp_min(e, 0, out=y[..., d + h:d + h + c])
-        torch.neg(e, out=y[..., d + h + c:]).clamp_(min=0)
+        y[..., d + h + c:] = e
         ctx.save_for_backward(u, e)
         return y
 
@@ -317,12 +330,12 @@ class _BlockFeatures(torch.autograd.Function):
         h, c = u.shape[-1], e.shape[-1]
         d = g.shape[-1] - h - 2 * c
         g_u = torch.ops.aten.gelu_backward(g[..., d:d + h], u)
-        g_e = torch.where(e > 0, g[..., d + h:d + h + c], -g[..., d + h + c:]).masked_fill_(e == 0, 0)
+        g_e = torch.addcmul(g[..., d + h + c:], g[..., d + h:d + h + c], e > 0)
         return g[..., :d], g_u, g_e
 
 
 def block_features(a: torch.Tensor, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``cat([a, gelu(u), relu(e), relu(-e)], -1)`` in one buffer (one autograd node)."""
+    """``cat([a, gelu(u), relu(e), e], -1)`` in one buffer (one autograd node); see :class:`_BlockFeatures`."""
     return _BlockFeatures.apply(a, u, e)
 
 
@@ -381,7 +394,7 @@ class PNNHParallelBlock(nn.Module):
         a = a.transpose(1, 2).flatten(2)
         if self.fused and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             features = block_features(a, u, self.coder.encode(x))  # the same function as below, one buffer
-            return F.linear(features, self.coder.consumer_weight(self.proj), self.proj.bias)
+            return F.linear(features, self.coder.consumer_weight_rebased(self.proj), self.proj.bias)
         learner = self.drop_path(self.drop(torch.cat([a, self.act(u)], dim=-1)))
         return self.coder.project(learner, x, self.proj)
 

@@ -277,7 +277,7 @@ def test_parallel_pnnh_block_carries_its_input_at_init():
 
 
 def test_parallel_pnnh_block_one_buffer_equals_the_eager_form():
-    """The fused feature buffer computes exactly the concatenations of the eager form, forward and backward."""
+    """The one-buffer form computes the eager concatenations' function, forward and backward (to float rounding)."""
     b = _perturbed_parallel_block()
     with torch.no_grad():
         b.coder.enc.add_(torch.randn_like(b.coder.enc))
@@ -291,7 +291,7 @@ def test_parallel_pnnh_block_one_buffer_equals_the_eager_form():
         y.pow(2).sum().backward()
         results.append([y, x.grad] + [p.grad for p in b.parameters()])
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", ["mini", "tiny"])
