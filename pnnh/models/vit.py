@@ -1,22 +1,31 @@
-"""Vision Transformers: residual, plain (no residual adds) and PNNH (learner + coder), timm style.
+"""Vision Transformers: residual, plain, PNNH (learner + coder) and shortcut-free rivals, timm style.
 
 One configurable class, :class:`VisionTransformer`, builds every member of the family. Its
-``block`` option picks one of three small block modules that share the same sub-layers
+``block`` option picks one of small block modules built from the same sub-layers
 (:class:`Attention`, :class:`Mlp`, pre-norm :class:`~torch.nn.LayerNorm`):
 
 - ``"residual"`` (:class:`Block`): the standard pre-norm block of ViT/DeiT,
   ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
 - ``"plain"`` (:class:`PlainBlock`): the same layers with both residual adds removed,
   ``x = attn(norm1(x)); x = mlp(norm2(x))``.
-- ``"pnnh"`` (:class:`PNNHBlock`): each sub-layer is one *plain* PNNH layer. A *learner* (the
-  attention heads, or the MLP's GELU hidden units) reads the normalised token; a weight-sharing
-  mirrored *coder* ``[relu(E x), relu(-E x)]`` reads the raw token; the sub-layer's output
-  projection reads the concatenation of both. There is no ``x + f(x)``: the input reaches the
-  output only through ``E``, a ReLU and the projection. ``E`` and the projection's coder columns
-  start *looks-linear* (``E = I``, columns ``[I, -I]``), so at initialisation the coder carries
-  its input across the non-linearity unchanged; they are stored divided by ``coder_gain`` so
-  Adam does not scramble that identity. See ``docs/vit.md`` for the equations and what is the
-  paper's vs our choice, ``docs/results/vit.md`` for measurements.
+- ``"pnnh"`` with ``coder="sublayer"`` (:class:`PNNHBlock`, the default): each sub-layer is one
+  *plain* PNNH layer. A *learner* (the attention heads, or the MLP's GELU hidden units) reads the
+  normalised token; a weight-sharing mirrored *coder* ``[relu(E x), relu(-E x)]`` reads the raw
+  token; the sub-layer's output projection reads the concatenation of both. There is no
+  ``x + f(x)``: the input reaches the output only through ``E``, a ReLU and the projection. ``E``
+  and the projection's coder columns start *looks-linear* (``E = I``, columns ``[I, -I]``), so at
+  initialisation the coder carries its input across the non-linearity unchanged; they are stored
+  divided by ``coder_gain`` so Adam does not scramble that identity.
+- ``"pnnh"`` with ``coder="block"`` (:class:`PNNHParallelBlock`): the whole block is ONE plain
+  PNNH layer; attention heads and MLP units side by side are the learner, one mirrored coder's
+  code takes ``2 coder_dim`` of the MLP's hidden units. 0.91x the residual block's weights.
+- ``"dirac"`` (:class:`DiracBlock`): the plain block with every linear ``W = a I + b V/|V|``
+  (DiracNets), a rival.
+- ``"skipless"`` (:class:`SkiplessBlock`): a skipless parallel block with shaped or value-SkipInit
+  attention (He et al. 2023; He & Hofmann 2024), a rival.
+
+See ``docs/vit.md`` for the equations and what is the papers' vs our choice,
+``docs/results/vit.md`` for measurements.
 
 Patch embedding is a stride-``patch_size`` convolution; pooling is a class token (``"token"``)
 or the mean of the patch tokens (``"avg"``). Attention goes through
@@ -549,21 +558,27 @@ PNNH_CODERS = {"sublayer": PNNHBlock, "block": PNNHParallelBlock}  # the ``coder
 
 
 class VisionTransformer(nn.Module):
-    """Residual, plain or PNNH Vision Transformer.
+    """Residual, plain, PNNH, DiracNet-style or skipless Vision Transformer.
 
     Args:
         img_size: input side in pixels (square inputs; the position embedding is fixed to it).
         patch_size: patch side; must divide ``img_size`` (4 or 7 for 28 px images).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT sizes.
-        block: ``"residual"``, ``"plain"`` (adds removed) or ``"pnnh"`` (learner + mirrored coder).
+        block: ``"residual"``, ``"plain"`` (adds removed), ``"pnnh"`` (learner + mirrored coder),
+            ``"dirac"`` (plain, ``W = a I + b V/|V|``) or ``"skipless"`` (shaped attention).
         global_pool: ``"token"`` (class token, the ViT/DeiT default) or ``"avg"`` (mean of patch
             tokens, no class token).
-        coder_ratio: PNNH only (an error elsewhere): coder width as a fraction of ``embed_dim``
+        coder: PNNH only (an error elsewhere): ``"sublayer"`` (a coder in attention and in the MLP,
+            :class:`PNNHBlock`) [default] or ``"block"`` (one PNNH layer per block,
+            :class:`PNNHParallelBlock`).
+        coder_ratio: PNNH only: coder width as a fraction of ``embed_dim``
             [1.0: carries every token channel; smaller values carry the first
             ``round(ratio * dim)`` channels and cost less].
         coder_gain: PNNH only: the coder's parameters are stored divided by this gain, so under
             Adam the coder moves ``coder_gain`` times as fast as the learner [0.1]; see
             :class:`MirrorCoder`.
+        attn_shape: skipless only: ``"shaped"`` [default] or ``"value_skipinit"``; see
+            :class:`ShapedAttention`.
         drop_rate: dropout before the classifier. pos_drop_rate: after adding the position embedding.
         proj_drop_rate: dropout in the sub-layers (after the projection / MLP; on learner features
             in PNNH blocks). attn_drop_rate: on attention weights. drop_path_rate: stochastic depth,
