@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 __all__ = ["cnn_layout", "conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS",
-           "DiracWeight", "dirac_weight"]
+           "DiracWeight", "dirac_weight", "mirror", "memory_format"]
 
 
 def cnn_layout(layout: str, layers, width: float, img_size: int | None, stem: str,
@@ -43,6 +43,48 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Con
 
 def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out NHWC (and not also NCHW-contiguous), else contiguous."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _MirrorFunction(torch.autograd.Function):
+    """``cat(a, -a[:, n:], dim=1)`` written once into a buffer in ``a``'s memory format.
+
+    The eager form (``neg`` then ``cat``) makes an extra tensor, and its backward hands the
+    convolution a sum of channel slices; here the gradient w.r.t. ``a`` is one dense tensor in
+    ``a``'s layout (NCHW or channels_last), ``g[:, :C]`` minus ``g[:, C:]`` on the coder channels.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, n: int) -> torch.Tensor:
+        N, C, H, W = a.shape
+        fmt = memory_format(a)
+        y = torch.empty((N, 2 * C - n, H, W), dtype=a.dtype, device=a.device, memory_format=fmt)
+        y[:, :C] = a
+        torch.neg(a[:, n:], out=y[:, C:])
+        ctx.n, ctx.c, ctx.fmt = n, C, fmt
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        n, C = ctx.n, ctx.c
+        grad = g[:, :C].contiguous(memory_format=ctx.fmt)
+        grad[:, n:].sub_(g[:, C:])
+        return grad, None
+
+
+def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
+    """``cat(a, -a[:, n_learn:], dim=1)``: the learner channels, then the code ``e`` and ``-e``.
+
+    With no coder channels (``n_learn == a.shape[1]``) it is ``a`` itself.
+    """
+    if n_learn == a.shape[1]:
+        return a
+    return _MirrorFunction.apply(a, n_learn)
 
 
 class PadShortcut(nn.Module):

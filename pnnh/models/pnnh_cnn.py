@@ -40,10 +40,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import PooledClassifierHead, cnn_layout, dirac_weight, init_dirac_param_
+from .layers import DiracWeight, PooledClassifierHead, cnn_layout, init_dirac_param_, mirror
 
-__all__ = ["mirror", "tied_rows", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS", "CODER_INITS",
-           "cifar_pnnh", "imagenet_pnnh"]
+__all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS",
+           "CODER_INITS", "cifar_pnnh", "imagenet_pnnh", "upgrade_state_dict"]
+
+torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
 
 CODERS = ("mirror", "shared", "tied")
 CODER_INITS = ("identity", "orthogonal", "he")
@@ -54,98 +56,6 @@ PATH_PARAMS = ("auto", "init", "dirac")
 def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
     with torch.no_grad():
         w.normal_(0.0, scale * math.sqrt(2.0 / fan_in))
-
-
-class _MirrorFunction(torch.autograd.Function):
-    """``cat(a, -a[:, n:], dim=1)`` written once into a buffer in ``a``'s memory format.
-
-    The eager form (``neg`` then ``cat``) makes an extra tensor, and its backward hands the
-    convolution a sum of channel slices; here the gradient w.r.t. ``a`` is one dense tensor in
-    ``a``'s layout (NCHW or channels_last), ``g[:, :C]`` minus ``g[:, C:]`` on the coder channels.
-    """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, n: int) -> torch.Tensor:
-        N, C, H, W = a.shape
-        channels_last = _memory_format(a) is torch.channels_last
-        y = torch.empty((N, 2 * C - n, H, W), dtype=a.dtype, device=a.device,
-                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        y[:, :C] = a
-        torch.neg(a[:, n:], out=y[:, C:])
-        ctx.n, ctx.c, ctx.channels_last = n, C, channels_last
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        n, C = ctx.n, ctx.c
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad = g[:, :C].contiguous(memory_format=fmt)
-        grad[:, n:].sub_(g[:, C:])
-        return grad, None
-
-
-def mirror(a: torch.Tensor, n_learn: int) -> torch.Tensor:
-    """``cat(a, -a[:, n_learn:], dim=1)``: learner channels, then the code ``e`` and ``-e``."""
-    return _MirrorFunction.apply(a, n_learn)
-
-
-torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
-torch.fx.wrap("dirac_weight")  # likewise for the imported name (fx.wrap patches this module's globals)
-
-
-class _TiedRowsFunction(torch.autograd.Function):
-    """``cat(t, sign * t.narrow(dim, n, C - n), dim)`` written once into one buffer (``t``'s memory format).
-
-    The tied rows of a mirrored layer (``[W_l; W_c; -W_c]``, BN's ``[gamma; gamma_c]`` and
-    ``[beta; -beta_c]``) for a whole stack of layers at once; the backward folds the tied rows'
-    gradient back onto ``t`` in one dense tensor. As ``slice``/``neg``/``cat`` per layer these were
-    ~20 autograd nodes per layer and step (a profile of pnnh110 put them at 3 % of the step).
-    """
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, n: int, dim: int, sign: float) -> torch.Tensor:
-        c = t.shape[dim]
-        shape = list(t.shape)
-        shape[dim] = 2 * c - n
-        fmt = _memory_format(t)  # a channels_last conv weight stays channels_last (else oneDNN reorders it)
-        y = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
-        y.narrow(dim, 0, c).copy_(t)
-        tail = y.narrow(dim, c, c - n)
-        tail.copy_(t.narrow(dim, n, c - n))
-        if sign < 0:
-            tail.neg_()
-        ctx.n, ctx.c, ctx.dim, ctx.sign, ctx.fmt = n, c, dim, sign, fmt
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        n, c, dim = ctx.n, ctx.c, ctx.dim
-        grad = g.narrow(dim, 0, c).clone(memory_format=ctx.fmt)
-        grad.narrow(dim, n, c - n).add_(g.narrow(dim, c, c - n), alpha=ctx.sign)
-        return grad, None, None, None
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def tied_rows(t: torch.Tensor, n: int, dim: int = 0, sign: float = -1.0) -> torch.Tensor:
-    """``cat(t, sign * t[n:], dim)`` along ``dim`` (rows ``n..C`` repeated with ``sign``), as one op."""
-    return _TiedRowsFunction.apply(t, n, dim, sign)
-
-
-def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (contiguous as NCHW *and* as channels_last: 1 channel or 1x1) with channels_last strides.
-
-    The same memory, element for element. oneDNN picks a convolution's output format from the
-    strides of its input and weight; a 1-channel batch keeps NCHW strides after
-    ``.contiguous(memory_format=torch.channels_last)`` (already "contiguous"), and the expanded
-    weight of :meth:`PNNHLayer.forward` is a fresh NCHW tensor, so without this the stem would
-    write NCHW and the next layer would fall off the channels_last path.
-    """
-    n, c, h, w = x.shape
-    return x.as_strided(x.shape, (c * h * w, 1, w * c, c))
 
 
 class CoderSpec:
@@ -195,62 +105,82 @@ class _WeightHolder(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape))
 
 
-class PNNHLayer(nn.Module):
-    """One mirrored PNNH layer: ``cat(relu(a_l), relu(a_c), relu(-a_c))`` with ``a = BN(conv(x))``.
+class PNNHConv2d(nn.Module):
+    """One mirrored PNNH layer: ``y = relu(mirror(BN(conv(x, [W_l; W_c]))))``.
+
+    ``mirror(a) = cat(a_l, a_c, -a_c)``, so the output is ``[relu(a_l) | relu(a_c) | relu(-a_c)]``:
+    ``C_l`` learner channels, then the code ``e = a_c`` carried across the ReLU as ``relu(e)`` and
+    ``relu(-e)`` (``C_c`` channels each). Layers stack like ``nn.Conv2d``s: by default the layer
+    reads its input as the output of a PNNH layer with the same coder ratio.
 
     Args:
-        in_ch: input channels.
-        out_ch: output channels (the width): ``n_learn + 2 * n_code``.
-        n_code: coder channels ``C_c`` (``relu(e)`` and ``relu(-e)`` each take ``C_c`` outputs).
-        in_code: coder channels of the *input* (its layout is ``[learner | relu(e) | relu(-e)]``);
-            0 when the input carries no code (the image).
+        in_channels, out_channels: as ``nn.Conv2d``; ``out_channels = C_l + 2 C_c``.
         kernel_size, stride: of the convolution (padding keeps the size at stride 1).
-        spec: coder options (init and mix; see :class:`CoderSpec`).
+        n_code: coder channels ``C_c`` [``spec.split(out_channels)``: a share ``spec.ratio`` of the width].
+        in_code: coder channels of the input, laid out ``[learner | relu(e) | relu(-e)]``
+            [``spec.split(in_channels)``, what a PNNH layer of that width writes]; 0 for an input
+            that carries no code (an image, the output of an ordinary layer).
+        spec: coder options (:class:`CoderSpec`; default ratio 0.25, identity coder, DiracNet path).
         shared: a :class:`_WeightHolder` whose weight is this layer's coder weight (stage-shared
             coder); ``None`` for a layer owning its own weights.
 
-    Output channel layout: ``[learner (C_l) | relu(e) (C_c) | relu(-e) (C_c)]``.
+    With ``spec.path_param == "dirac"`` the conv weight is ``self.dirac(self.weight)``, the
+    DiracNet parametrisation ``alpha P + beta V/|V|`` (:class:`~pnnh.models.layers.DiracWeight`)
+    with the identity path as ``P``. Training on CPU in channels_last runs the same function
+    through :mod:`pnnh.models.kernels` (switched in by ``.train()``/``.to()``).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, n_code: int, in_code: int = 0, kernel_size: int = 3,
-                 stride: int = 1, spec: CoderSpec | None = None, shared: _WeightHolder | None = None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, *,
+                 n_code: int | None = None, in_code: int | None = None, spec: CoderSpec | None = None,
+                 shared: _WeightHolder | None = None):
         super().__init__()
         spec = spec or CoderSpec()
+        in_ch, out_ch, k = in_channels, out_channels, kernel_size
+        n_code = spec.split(out_ch)[1] if n_code is None else n_code
+        in_code = spec.split(in_ch)[1] if in_code is None else in_code
         if 2 * n_code > out_ch or 2 * in_code > in_ch:
             raise ConfigError(f"coder channels do not fit: 2*{n_code} > {out_ch} or 2*{in_code} > {in_ch}")
         self.in_ch, self.out_ch, self.n_code, self.in_code = in_ch, out_ch, n_code, in_code
         self.n_learn = out_ch - 2 * n_code
-        self.stride, self.padding, self.kernel_size = stride, kernel_size // 2, kernel_size
+        self.stride, self.padding, self.kernel_size = stride, k // 2, k
         n_conv = self.n_learn + n_code
-        k = kernel_size
         if shared is None:
             self.weight = nn.Parameter(torch.empty(n_conv, in_ch, k, k))
-            self.__dict__["_shared"] = None
         else:
             if tuple(shared.weight.shape) != (n_code, in_ch, k, k):
                 raise ConfigError("shared coder weight has the wrong shape for this layer")
             self.weight = nn.Parameter(torch.empty(self.n_learn, in_ch, k, k))
-            self.__dict__["_shared"] = shared  # referenced, not registered: one copy in the state dict
-        if spec.path_param == "dirac":
-            # W = diag(alpha) P + diag(beta) V / |V| (DiracNets): P, the fixed internal-path kernel, is a buffer
-            self.register_buffer("path", torch.zeros(n_conv, in_ch, k, k))
-            self.path_scale = nn.Parameter(torch.ones(n_conv))
-            self.weight_scale = nn.Parameter(torch.full((n_conv,), 0.1))
+        self.__dict__["_shared"] = shared  # referenced, not registered: one copy in the state dict
+        # W = diag(alpha) P + diag(beta) V / |V| (DiracNets); P, the fixed internal-path kernel, is set below
+        self.dirac = DiracWeight(torch.zeros(n_conv, in_ch, k, k)) if spec.path_param == "dirac" else None
         self.bn = nn.BatchNorm2d(n_conv)
         self.act = nn.ReLU(inplace=True)
         self.reset_parameters(spec)
+        self._register_load_state_dict_pre_hook(_upgrade_layer_keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.conv_weight(), None, self.stride, self.padding)
+        x = self.bn(x)
+        x = mirror(x, self.n_learn)
+        x = self.act(x)
+        return x
+
+    def train(self, mode: bool = True) -> PNNHConv2d:
+        """Set the mode, then let :func:`pnnh.models.kernels.select_kernels` pick this layer's kernel."""
+        super().train(mode)
+        kernels.select_kernels(self)
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> PNNHConv2d:  # .to(), .double(), .cpu(): the kernel follows
+        super()._apply(fn, recurse)
+        kernels.select_kernels(self)
+        return self
 
     # -- weights ---------------------------------------------------------------------------------
     def conv_weight(self) -> torch.Tensor:
         """``[W_l; W_c]``: the ``C_l + C_c`` trained filters (one tensor, possibly a shared part)."""
-        if "path" in self._buffers:  # path_param="dirac"
-            w = self.__dict__.get("_step_weight")  # computed for this forward by the net, with its peers
-            if w is not None:
-                return w
-            step = self.__dict__.get("_step_tied")  # likewise, as tied rows: the first C_l + C_c are W
-            if step is not None:
-                return step[0][: self.n_learn + self.n_code]
-            return dirac_weight(self.path, self.path_scale, self.weight, self.weight_scale)
+        if self.dirac is not None:
+            return self.dirac(self.weight)
         if self._shared is None:
             return self.weight
         return torch.cat([self.weight, self._shared.weight], 0)
@@ -302,7 +232,7 @@ class PNNHLayer(nn.Module):
                     _he_(coder[:m, :n_in_learn], fan_in, spec.mix)
             if self._shared is not None:
                 self._shared._initialised = True
-        if "path" in self._buffers:
+        if self.dirac is not None:
             # the identity entries set above become the fixed path P; the trained V is He everywhere
             c = k // 2
             path = torch.zeros_like(self.weight)
@@ -313,13 +243,13 @@ class PNNHLayer(nn.Module):
                 rows = slice(self.n_learn, self.n_learn + m)
                 path[rows, n_in_learn:n_in_learn + m, c, c] = q
                 path[rows, n_in_learn + self.in_code:n_in_learn + self.in_code + m, c, c] = -q
-            self.path.copy_(path)
+            self.dirac.path.copy_(path)
             # V's filters start at norm beta = 0.1, so a step on V moves W as a step on W itself would
             # (dW = beta/|V| * dV, and dL/dV = beta/|V| * dL/dW); at He scale (|V| ~ 1.4) the learner
             # learns 200x slower: 82.92 % against 88.31 % at norm 0.1 after one epoch (pnnh56, seed 0)
             init_dirac_param_(self.weight, 0.1)
-            nn.init.ones_(self.path_scale)
-            nn.init.constant_(self.weight_scale, 0.1)
+            nn.init.ones_(self.dirac.alpha)
+            nn.init.constant_(self.dirac.beta, 0.1)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
         if dirac and spec.learner_bias != 0:
@@ -328,89 +258,6 @@ class PNNHLayer(nn.Module):
             # (pnnh56 at init, scripts/learner_density.py: 3.4 % of learner units active in the last layer at
             # b=0, 53 % at b=0.5). It trains worse (docs/pnnh.md): an option to study, not a remedy.
             self.bn.bias[:m_l] = spec.learner_bias
-
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``cat(relu(a_l), relu(a_c), relu(-a_c))`` with ``a = BN(conv(x, [W_l; W_c]))``, two ways.
-
-        Training on CPU in channels_last: one conv with the tied rows ``[W_l; W_c; -W_c]``, then a
-        BatchNorm with the tied affine (:meth:`_mirrored_bn`) and a ReLU: the conv-BN-ReLU of a plain
-        layer of the full width. oneDNN computes output channels in blocks of 16, so a conv with
-        ``C_l + C_c`` = 12 or 14 outputs costs nearly what 16 cost, and channels_last BatchNorm at
-        widths that are not multiples of 16 falls to a slow kernel; the tied conv avoids both
-        (measured: pnnh56/resnet56 training 0.66x -> 1.02x at two threads, docs/benchmarks.md).
-        Elsewhere (NCHW, CUDA, eval): conv to ``C_l + C_c`` channels, BN, then :func:`mirror` —
-        fewer FLOPs. Both compute the same function.
-        """
-        if self.n_code == 0:
-            return self.act(self.bn(F.conv2d(x, self.conv_weight(), None, self.stride, self.padding)))
-        if self._expanded_bn_is_faster(x):
-            if x.is_contiguous():  # also NCHW-contiguous (1 channel): make the strides say channels_last
-                x = _channels_last_view(x)
-            step = self.__dict__.get("_step_tied")  # the net expanded every layer's rows in a few ops
-            if step is not None:
-                w, gamma, beta = step
-            else:  # the tied rows [W_l; W_c; -W_c]: one conv makes e and -e
-                w = self.conv_weight()
-                w, gamma, beta = torch.cat([w, -w[self.n_learn:]]), None, None
-            return self.act(self._mirrored_bn(F.conv2d(x, w, None, self.stride, self.padding), gamma, beta))
-        a = F.conv2d(x, self.conv_weight(), None, self.stride, self.padding)
-        return self.act(mirror(self.bn(a), self.n_learn))
-
-    def _expanded_bn_is_faster(self, x: torch.Tensor) -> bool:
-        # training on CPU in channels_last, with a plain BatchNorm (a SyncBatchNorm must run itself;
-        # torch.fx tracing sees the reference path). An input that is both NCHW- and
-        # channels_last-contiguous (the stem's 1-channel image) counts as channels_last: taking the
-        # reference path there cost about 3 % of pnnh56's step (docs/benchmarks.md).
-        return (not isinstance(x, torch.fx.Proxy) and self.bn.training and type(self.bn) is nn.BatchNorm2d
-                and self.bn.track_running_stats and x.device.type == "cpu"
-                and x.is_contiguous(memory_format=torch.channels_last))
-
-    def _mirrored_bn(self, e: torch.Tensor, weight: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``cat(BN(a), -BN(a)[:, n:])`` computed as a batch norm of ``e = cat(a, -a[:, n:])``.
-
-        The negated channels have batch mean ``-mu`` and the same variance, so normalising ``e``
-        with the tied affine ``(gamma, beta)`` on ``a`` and ``(gamma_c, -beta_c)`` on ``-a_c`` is
-        exactly the mirror of ``BN(a)``: one BatchNorm (``self.bn``, over ``a``'s ``C_l + C_c``
-        channels, whose running statistics are updated here) whatever path computes it. PyTorch's
-        channels_last CPU BatchNorm is vectorised at the stage widths (16/32/64) but not at
-        ``C_l + C_c`` (14/28/56 at the default ratio, 12/24/48 at 0.5): measured 13.3 ms against
-        2.6 ms per forward+backward at 12 vs 16 channels, 2 threads, batch 128 at 28x28.
-        """
-        bn, n = self.bn, self.n_learn
-        if weight is None:  # else the tied affine, expanded by the net for all its layers at once
-            weight, bias = torch.cat([bn.weight, bn.weight[n:]]), torch.cat([bn.bias, -bn.bias[n:]])
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        mean, var = self._full_width_running_stats()
-        return F.batch_norm(e, mean, var, weight, bias, True, momentum, bn.eps)
-
-    @torch.no_grad()
-    def _full_width_running_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-width running-statistics tensors whose first ``C_l + C_c`` entries *are* ``bn``'s.
-
-        ``bn.running_mean``/``running_var`` are re-pointed (``Tensor.set_``, same objects, same
-        state-dict shapes) at the start of a full-width storage, so the batch norm of ``e`` updates
-        them in place. The mirrored tail is the kernel's scratch: in training BN normalises with
-        batch statistics, and eval reads only the first ``C_l + C_c``, so the tail is never read and
-        may go stale (after ``load_state_dict`` or a DDP broadcast) without effect. Building the
-        full-width statistics by concatenation and copying them back cost 12 small ops per layer
-        and step: 4 % of pnnh56's training step on 2 CPU threads (measured against this).
-        ``.to()``, ``deepcopy`` or ``load_state_dict(assign=True)`` give the module new tensors;
-        the pointer check notices and links them again.
-        """
-        bn, n = self.bn, self.n_learn
-        rm, rv = bn.running_mean, bn.running_var
-        full = self.__dict__.get("_full_stats")
-        if full is not None and full[0].data_ptr() == rm.data_ptr() and full[1].data_ptr() == rv.data_ptr():
-            return full
-        c = bn.num_features
-        mean, var = torch.cat([rm, -rm[n:]]), torch.cat([rv, rv[n:]])
-        rm.set_(mean.untyped_storage(), 0, (c,), (1,))
-        rv.set_(var.untyped_storage(), 0, (c,), (1,))
-        self.__dict__["_full_stats"] = (mean, var)  # not a buffer: the state dict keeps bn's shapes
-        return mean, var
 
     @torch.no_grad()
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,41 +291,34 @@ class PNNHLayer(nn.Module):
                 f"k={self.kernel_size}, stride={self.stride}{shared}")
 
 
-def batched_dirac_weights(layers: list[PNNHLayer], tied: bool = False) -> list:
-    """``conv_weight()`` of every ``path_param="dirac"`` layer, computed per group of equal shapes.
+PNNHLayer = PNNHConv2d  # the name inside the model family
 
-    One stacked :func:`dirac_weight` per group (3 in a CIFAR net) instead of one per layer: the same
-    values, about 15 ops per group instead of 9 per layer. Per-layer calls cost pnnh56 ~4 % of its
-    CPU training step (measured: 441 vs 419 ms with the same weights as leaves, 2 threads). In
-    channels_last the stack is taken over ``(C, k, k, C_in)`` views, so each weight comes back
-    channels_last, as the conv wants it.
 
-    With ``tied=True`` each entry is ``(W_tied, gamma_tied, beta_tied)`` instead: the tied-row conv
-    weight ``[W_l; W_c; -W_c]`` and BN affine ``[gamma; gamma_c]``, ``[beta; -beta_c]`` of the
-    training fast path (:meth:`PNNHLayer.forward`), expanded per group by :func:`tied_rows`.
+_RENAMED_KEYS = {"path": "dirac.path", "path_scale": "dirac.alpha", "weight_scale": "dirac.beta"}
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """``state_dict`` with the DiracNet entries of PNNH layers saved by pnnh 0.1 renamed.
+
+    Those layers stored ``P``, ``alpha`` and ``beta`` as ``<layer>.path``, ``.path_scale`` and
+    ``.weight_scale``; the layer holds them in its :class:`DiracWeight` as ``<layer>.dirac.path``,
+    ``.dirac.alpha`` and ``.dirac.beta``. Other keys are returned unchanged, in order.
     """
-    out: list = [None] * len(layers)
-    groups: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(layers):
-        v = layer.weight
-        cl = _memory_format(v) is torch.channels_last
-        groups.setdefault((tuple(v.shape), layer.n_learn, v.dtype, v.device, cl), []).append(i)
-    for (_, n, _, _, cl), idx in groups.items():
-        if len(idx) == 1 and not tied:
-            out[idx[0]] = layers[idx[0]].conv_weight()
-            continue
-        nhwc = (lambda t: t.permute(0, 2, 3, 1)) if cl else (lambda t: t)
-        ls = [layers[i] for i in idx]
-        w = dirac_weight(torch.stack([nhwc(m.path) for m in ls]), torch.stack([m.path_scale for m in ls]),
-                         torch.stack([nhwc(m.weight) for m in ls]), torch.stack([m.weight_scale for m in ls]))
-        if tied:
-            w = tied_rows(w, n, dim=1, sign=-1.0)
-            gamma = tied_rows(torch.stack([m.bn.weight for m in ls]), n, dim=1, sign=1.0).unbind(0)
-            beta = tied_rows(torch.stack([m.bn.bias for m in ls]), n, dim=1, sign=-1.0).unbind(0)
-        for j, (i, wi) in enumerate(zip(idx, w.unbind(0))):
-            wi = wi.permute(0, 3, 1, 2) if cl else wi
-            out[i] = (wi, gamma[j], beta[j]) if tied else wi
+    layers = {k[: -len("path_scale")] for k in state_dict if k.endswith("path_scale")}
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        prefix = prefix + "." if prefix else ""
+        out[prefix + _RENAMED_KEYS[leaf] if prefix in layers and leaf in _RENAMED_KEYS else key] = value
     return out
+
+
+def _upgrade_layer_keys(state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook of :class:`PNNHConv2d`: accepts the key names of pnnh 0.1."""
+    if prefix + "path_scale" in state_dict:
+        for old, new in _RENAMED_KEYS.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 class TiedCoderLayer(nn.Module):
@@ -491,10 +331,11 @@ class TiedCoderLayer(nn.Module):
     fold into one conv (:meth:`as_plain_conv` raises).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, n_code: int, in_code: int = 0, kernel_size: int = 3,
-                 stride: int = 1, spec: CoderSpec | None = None, shared=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, *,
+                 n_code: int = 1, in_code: int = 0, spec: CoderSpec | None = None, shared=None):
         super().__init__()
         spec = spec or CoderSpec(coder="tied")
+        in_ch, out_ch = in_channels, out_channels
         self.in_ch, self.out_ch, self.n_code, self.in_code = in_ch, out_ch, max(1, n_code), in_code
         self.n_learn = out_ch
         self.stride, self.padding, self.kernel_size = stride, kernel_size // 2, kernel_size
@@ -525,7 +366,7 @@ class TiedCoderLayer(nn.Module):
         raise ConfigError("the tied encoder-decoder coder has an inner ReLU: it does not fold into one conv")
 
 
-_LAYERS = {"mirror": PNNHLayer, "shared": PNNHLayer, "tied": TiedCoderLayer}
+_LAYERS = {"mirror": PNNHConv2d, "shared": PNNHConv2d, "tied": TiedCoderLayer}
 
 
 class PNNHBlock(nn.Module):
@@ -540,6 +381,7 @@ class PNNHBlock(nn.Module):
     def __init__(self, in_ch: int, ch: int, stride: int, spec: CoderSpec, in_code: int, bottleneck: bool = False,
                  shared: dict | None = None):
         super().__init__()
+        shared = {} if shared is None else shared  # (k, in, out) -> the stage's coder weight (coder="shared")
         self.expansion = 4 if bottleneck else 1
         plan = [(1, ch, 1), (3, ch, stride), (1, ch * 4, 1)] if bottleneck else [(3, ch, stride), (3, ch, 1)]
         layers, c_in, code_in = [], in_ch, in_code
@@ -551,7 +393,8 @@ class PNNHBlock(nn.Module):
                 if key not in shared:
                     shared[key] = _WeightHolder((n_code, c_in, k, k))
                 holder = shared[key]
-            layers.append(_LAYERS[spec.coder](c_in, c_out, n_code, code_in, k, s, spec, holder))
+            layers.append(_LAYERS[spec.coder](c_in, c_out, k, s, n_code=n_code, in_code=code_in, spec=spec,
+                                              shared=holder))
             c_in, code_in = c_out, (n_code if spec.coder != "tied" else 0)
         self.layers = nn.Sequential(*layers)
         self.out_code = code_in
@@ -620,10 +463,10 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias,
                               spec.path_param)  # as resolved for the net's coder
         if stem == "imagenet":
-            self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 7, 2, stem_spec),
+            self.stem = nn.Sequential(PNNHConv2d(in_chans, stem_ch, 7, 2, n_code=stem_code, in_code=0, spec=stem_spec),
                                       nn.MaxPool2d(3, 2, 1))
         else:
-            self.stem = nn.Sequential(PNNHLayer(in_chans, stem_ch, stem_code, 0, 3, 1, stem_spec))
+            self.stem = nn.Sequential(PNNHConv2d(in_chans, stem_ch, 3, 1, n_code=stem_code, in_code=0, spec=stem_spec))
         code = stem_code
 
         stages, in_ch = [], stem_ch
@@ -646,8 +489,6 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
         self.default_cfg = dict(input_size=(in_chans, img_size, img_size), num_classes=num_classes, layout=layout)
-        # the path_param="dirac" layers (a plain list, not submodules: they are registered above)
-        self.__dict__["_dirac_layers"] = [m for m in self.pnnh_layers() if "path" in m._buffers]
 
     # -- uniform interface ---------------------------------------------------------------------
     def blocks(self) -> list[nn.Module]:
@@ -656,26 +497,24 @@ class PNNHNet(PooledClassifierHead, nn.Module):
 
     def pnnh_layers(self) -> list[nn.Module]:
         """Every PNNH layer (stem first) in forward order."""
-        return [m for m in self.modules() if isinstance(m, (PNNHLayer, TiedCoderLayer))]
+        return [m for m in self.modules() if isinstance(m, (PNNHConv2d, TiedCoderLayer))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        layers = self.__dict__["_dirac_layers"]
-        if not layers or not torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):
-            return self.stages(self.stem(x))
-        # training: every layer's W = alpha P + beta V/|V| for this step, in a few stacked ops; on
-        # the CPU fast path (PNNHLayer.forward) also its tied rows and BN affine, expanded likewise
-        bn = layers[0].bn
-        tied = (x.device.type == "cpu" and bn.training and type(bn) is nn.BatchNorm2d
-                and bn.track_running_stats and layers[-1].weight.is_contiguous(memory_format=torch.channels_last))
-        key = "_step_tied" if tied else "_step_weight"
-        for layer, w in zip(layers, batched_dirac_weights(layers, tied)):
-            layer.__dict__[key] = w
-        try:
-            return self.stages(self.stem(x))
-        finally:
-            for layer in layers:
-                layer.__dict__[key] = None
+        x = self.stem(x)
+        x = self.stages(x)
+        return x
 
+    # -- kernels -------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> PNNHNet:
+        """Set the mode, then let :func:`pnnh.models.kernels.select_kernels` pick each layer's kernel."""
+        super().train(mode)
+        kernels.select_kernels(self)
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> PNNHNet:  # .to(), .double(), .cpu(): the kernels follow
+        super()._apply(fn, recurse)
+        kernels.select_kernels(self)
+        return self
 
 
 # -------------------------------------------------------------------------------------------------
@@ -737,3 +576,6 @@ def _register_family() -> None:
 
 
 _register_family()
+
+
+from . import kernels  # noqa: E402  (the CPU training kernels subclass the layer above)

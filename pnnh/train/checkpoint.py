@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
+from ..models.pnnh_cnn import upgrade_state_dict
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
@@ -181,7 +182,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    sd = upgrade_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     own = model.state_dict()
     saved_name, own_name = meta.get("model"), getattr(model, "pnnh_name", None)
     missing = [k for k in own if k not in sd]
@@ -203,7 +204,7 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             details.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
         if shape:
             details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
-        if missing and all(k.rsplit(".", 1)[-1] in ("path", "path_scale", "weight_scale") for k in missing):
+        if missing and all(k.rsplit(".", 1)[-1] in ("path", "alpha", "beta") for k in missing):
             details.append("the checkpoint's PNNH layers keep the internal path in the init only: build the "
                            "model with path_param='init'")
         raise CheckpointError(f"{what}: architectures differ ({'; '.join(details)})")

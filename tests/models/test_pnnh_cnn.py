@@ -1,5 +1,7 @@
 """PNNH CNNs: layout twins of the ResNets, the coder's internal path, and the plain-conv folding."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -203,96 +205,6 @@ def test_mirror_equals_the_eager_cat_form_in_value_gradient_and_layout(fmt):
     assert y.is_contiguous(memory_format=fmt) and ga.is_contiguous(memory_format=fmt)
 
 
-def test_channels_last_training_path_is_the_same_layer():
-    """The expanded-BN path (CPU, channels_last, training) computes cat(BN(a), -BN(a)_c) exactly:
-    outputs, every gradient and the running statistics agree with the reference NCHW path."""
-    torch.manual_seed(0)
-    ref = PNNHLayer(16, 16, n_code=4, in_code=4)
-    with torch.no_grad():
-        ref.bn.weight.uniform_(0.5, 1.5)
-        ref.bn.bias.uniform_(-0.5, 0.5)
-    fast = PNNHLayer(16, 16, n_code=4, in_code=4)
-    fast.load_state_dict(ref.state_dict())
-    fast.to(memory_format=torch.channels_last)
-    x = torch.randn(8, 16, 7, 7)
-    g = torch.randn(8, 16, 7, 7)
-    for _ in range(2):  # two steps: running statistics accumulate
-        y_ref, y_fast = ref(x), fast(x.contiguous(memory_format=torch.channels_last))
-        assert fast._expanded_bn_is_faster(x.contiguous(memory_format=torch.channels_last))
-        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-        y_ref.backward(g)
-        y_fast.backward(g)
-    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
-    for name, b in ref.bn.named_buffers():
-        torch.testing.assert_close(getattr(fast.bn, name), b, rtol=1e-5, atol=1e-6, msg=name)
-    # by definition: the mirror half of the output is relu of minus the coder's normalised value
-    ref.eval(), fast.eval()
-    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-5, atol=1e-5)
-
-
-def test_channels_last_training_updates_the_modules_own_running_statistics(tmp_path):
-    """The fast path updates ``bn.running_mean``/``running_var`` in place through a full-width
-    storage. Whatever replaces or overwrites those tensors (deepcopy, a dtype change,
-    ``load_state_dict`` with or without ``assign``) must not cut the update off, and the state dict
-    and checkpoints keep the ``C_l + C_c`` shapes."""
-    import copy
-
-    from pnnh.train.checkpoint import load_weights, save_weights
-
-    def step(layer, x):
-        layer.train()
-        layer(x.to(layer.weight.dtype).contiguous(memory_format=torch.channels_last))
-
-    def reference_stats(layer, x):  # one reference-path step on a copy
-        ref = copy.deepcopy(layer).to(memory_format=torch.contiguous_format)
-        ref(x.to(layer.weight.dtype))
-        return ref.bn.running_mean.clone(), ref.bn.running_var.clone()
-
-    torch.manual_seed(0)
-    x = torch.randn(8, 16, 7, 7) + 0.5
-    layer = PNNHLayer(16, 16, n_code=4, in_code=4).to(memory_format=torch.channels_last)
-    c = layer.bn.num_features
-    for change in ("none", "deepcopy", "double", "load", "load_assign"):
-        if change == "deepcopy":
-            layer = copy.deepcopy(layer)
-        elif change == "double":
-            layer = layer.double()
-        elif change in ("load", "load_assign"):
-            other = {k: v.clone() + (0.25 if "running" in k else 0) for k, v in layer.state_dict().items()}
-            layer.load_state_dict(other, assign=change == "load_assign")
-        want_mean, want_var = reference_stats(layer, x)
-        step(layer, x)
-        assert layer.bn.running_mean.shape == (c,) and layer.bn.running_var.shape == (c,), change
-        torch.testing.assert_close(layer.bn.running_mean, want_mean, msg=change)
-        torch.testing.assert_close(layer.bn.running_var, want_var, msg=change)
-    # the saved tensors are the module's statistics, not the full-width scratch behind them
-    save_weights(tmp_path / "w.safetensors", layer)
-    fresh = PNNHLayer(16, 16, n_code=4, in_code=4).double()
-    load_weights(tmp_path / "w.safetensors", fresh)
-    assert torch.equal(fresh.bn.running_mean, layer.bn.running_mean)
-    assert torch.equal(fresh.bn.running_var, layer.bn.running_var)
-
-
-def test_a_one_channel_batch_keeps_the_whole_net_on_the_channels_last_path():
-    """The engine's loader hands a 1-channel batch through ``.contiguous(channels_last)``, which
-    keeps NCHW strides (the tensor is contiguous both ways). The stem must still write
-    channels_last, or the next layer falls to the 14-channel BatchNorm path that is 5x slower."""
-    m = pnnh.create_model("pnnh20").to(memory_format=torch.channels_last).train()
-    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    assert x.stride() == (784, 784, 28, 1)  # the strides the loader's batches have
-    seen = []
-    for layer in m.modules():
-        if isinstance(layer, PNNHLayer):
-            layer.register_forward_pre_hook(lambda mod, inp: seen.append(
-                mod._expanded_bn_is_faster(inp[0]) and inp[0].is_contiguous(memory_format=torch.channels_last)))
-    out = m(x)
-    assert len(seen) == 19 and all(seen)
-    ref = pnnh.create_model("pnnh20").train()
-    ref.load_state_dict(m.state_dict())
-    torch.testing.assert_close(out, ref(x.contiguous()), rtol=1e-4, atol=1e-4)
-
-
 def test_learner_mix_adds_he_noise_of_that_scale_to_the_identity_learner():
     torch.manual_seed(0)
     pure = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="init"))
@@ -339,16 +251,16 @@ def test_dirac_path_param_keeps_the_identity_as_a_buffer_and_computes_the_filter
     layer = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="dirac"))
     ref = PNNHLayer(64, 64, n_code=8, in_code=8, spec=CoderSpec(path_param="init"))  # the same identity entries
     path = (ref.weight.detach() != 0) & (ref.weight.detach().abs() == 1)
-    assert torch.equal(layer.path != 0, path) and torch.equal(layer.path[path], ref.weight.detach()[path])
-    assert "path" in layer.state_dict() and not layer.path.requires_grad
+    assert torch.equal(layer.dirac.path != 0, path) and torch.equal(layer.dirac.path[path], ref.weight.detach()[path])
+    assert "dirac.path" in layer.state_dict() and not layer.dirac.path.requires_grad
     w = layer.conv_weight()
     v = layer.weight.detach().flatten(1)
-    expected = layer.path + 0.1 * (v / v.norm(dim=1, keepdim=True)).view_as(layer.weight)
+    expected = layer.dirac.path + 0.1 * (v / v.norm(dim=1, keepdim=True)).view_as(layer.weight)
     torch.testing.assert_close(w.detach(), expected)
     # the identity survives a large step on V: only beta * V/|V| (norm 0.1 per filter) moves
     with torch.no_grad():
         layer.weight.mul_(-50.0).add_(torch.randn_like(layer.weight))
-    drift = (layer.conv_weight().detach() - layer.path).flatten(1).norm(dim=1)
+    drift = (layer.conv_weight().detach() - layer.dirac.path).flatten(1).norm(dim=1)
     torch.testing.assert_close(drift, torch.full_like(drift, 0.1))
 
 
@@ -358,11 +270,12 @@ def test_dirac_path_param_trains_folds_and_is_validated():
     x = torch.randn(16, 1, 28, 28)
     m.train()
     out_ref = m(x)
-    out_cl = m(x.contiguous(memory_format=torch.channels_last))  # the tied-conv fast path, same function
+    m_cl = copy.deepcopy(m).to(memory_format=torch.channels_last).train()  # the CPU training kernels
+    out_cl = m_cl(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out_cl, out_ref, atol=1e-4, rtol=1e-4)
     out_cl.square().mean().backward()
-    layer = m.stages[1][1].layers[0]
-    assert layer.path_scale.grad.abs().sum() > 0 and layer.weight_scale.grad.abs().sum() > 0
+    layer = m_cl.stages[1][1].layers[0]
+    assert layer.dirac.alpha.grad.abs().sum() > 0 and layer.dirac.beta.grad.abs().sum() > 0
     m.eval()
     torch.testing.assert_close(pnnh.deploy(m)(x), m(x), atol=1e-4, rtol=1e-4)
     assert is_plain(m, x)
@@ -376,7 +289,7 @@ def test_the_default_keeps_the_path_in_the_parametrisation_where_the_coder_suppo
     """``path_param="auto"``: the mirrored coder (the default) gets ``"dirac"``; shared and tied
     coders, and the looks-linear nets of the literature, keep the path in the init."""
     def param(m):
-        return {"path" in layer._buffers for layer in m.pnnh_layers() if isinstance(layer, PNNHLayer)}
+        return {layer.dirac is not None for layer in m.pnnh_layers() if isinstance(layer, PNNHLayer)}
 
     assert param(pnnh.create_model("pnnh20")) == {True}
     assert param(pnnh.create_model("pnnh20", coder="shared")) == {False}
@@ -384,57 +297,6 @@ def test_the_default_keeps_the_path_in_the_parametrisation_where_the_coder_suppo
     assert param(pnnh.create_model("llplain20")) == {False}
     assert param(pnnh.create_model("llplain20", path_param="dirac")) == {True}
     assert CoderSpec().path_param == "dirac" and CoderSpec(coder="tied").path_param == "init"
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_batched_dirac_weights_give_the_per_layer_gradients_and_formats(channels_last):
-    """Training computes every layer's ``alpha P + beta V/|V|`` in one stacked call per shape group;
-    the gradients equal the per-layer computation's, each weight keeps the layer's memory format, and
-    no step weight outlives the forward."""
-    import copy
-
-    from pnnh.models.pnnh_cnn import batched_dirac_weights
-
-    torch.manual_seed(0)
-    m = pnnh.create_model("pnnh20").train()
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    if channels_last:
-        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    per_layer = copy.deepcopy(m)
-    per_layer.__dict__["_dirac_layers"] = []
-    F.cross_entropy(m(x), y).backward()
-    F.cross_entropy(per_layer(x), y).backward()
-    for (name, a), b in zip(m.named_parameters(), per_layer.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    layers = m.__dict__["_dirac_layers"]
-    assert len(layers) == len(m.pnnh_layers())
-    assert all(lay.__dict__.get(k) is None for lay in layers for k in ("_step_weight", "_step_tied"))
-    for tied in (False, True):
-        for layer, step in zip(layers, batched_dirac_weights(layers, tied)):
-            w = dirac_weight(layer.path, layer.path_scale, layer.weight, layer.weight_scale)
-            if tied:  # the fast path's tied rows [W_l; W_c; -W_c] and BN affine [g; g_c], [b; -b_c]
-                n, bn = layer.n_learn, layer.bn
-                (got, gamma, beta), w = step, torch.cat([w, -w[n:]])
-                torch.testing.assert_close(gamma, torch.cat([bn.weight, bn.weight[n:]]))
-                torch.testing.assert_close(beta, torch.cat([bn.bias, -bn.bias[n:]]))
-            else:
-                got = step
-            torch.testing.assert_close(got, w)
-            if w.shape[1] > 1:  # (a 1-channel stem weight is contiguous in both formats)
-                assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
-
-
-@pytest.mark.parametrize("dim, sign", [(0, -1.0), (1, 1.0), (2, -1.0)])
-def test_tied_rows_value_and_gradient(dim, sign):
-    """``tied_rows(t, n, dim, sign)`` is ``cat(t, sign * t[n:])`` along ``dim``, gradient included."""
-    from pnnh.models.pnnh_cnn import tied_rows
-
-    torch.manual_seed(0)
-    t = torch.randn(5, 6, 4, dtype=torch.double, requires_grad=True)
-    n = 2
-    ref = torch.cat([t, sign * t.narrow(dim, n, t.shape[dim] - n)], dim)
-    assert torch.equal(tied_rows(t, n, dim, sign), ref)
-    assert torch.autograd.gradcheck(lambda a: tied_rows(a, n, dim, sign), (t,))
 
 
 @pytest.mark.parametrize("rows", [1, 2])
