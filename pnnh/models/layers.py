@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 __all__ = ["cnn_layout", "conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS",
-           "DiracWeight", "dirac_weight", "mirror", "memory_format"]
+           "DiracWeight", "dirac_weight", "dirac_parametrize", "mirror", "memory_format"]
 
 
 def cnn_layout(layout: str, layers, width: float, img_size: int | None, stem: str,
@@ -257,6 +257,27 @@ def init_dirac_param_(v: torch.Tensor, norm: float = 0.1) -> None:
     v.mul_(norm / v.flatten(1).norm(dim=1).clamp_min(1e-12).view((-1,) + (1,) * (v.dim() - 1)))
 
 
+@torch.no_grad()
+def dirac_parametrize(module: nn.Module, path: torch.Tensor | None = None, beta: float = 0.1) -> nn.Module:
+    """Register :class:`DiracWeight` on ``module.weight`` (a conv or linear layer); return ``module``.
+
+    ``module.weight`` becomes ``alpha P + beta V/|V|`` per output filter, ``V`` (He directions at
+    filter norm ``beta``) stored in ``module.parametrizations.weight.original``. ``path``: the fixed
+    kernel ``P`` [the identity on the first ``min(in, out)`` channels at the centre tap; rows
+    beyond the inputs carry no path].
+    """
+    if path is None:
+        path = torch.empty_like(module.weight)
+        if path.dim() > 2:
+            _dirac_(path)
+        else:
+            nn.init.eye_(path)
+        path[path.shape[1]:] = 0  # extra outputs: no identity entry, only V
+    parametrize.register_parametrization(module, "weight", DiracWeight(path, beta), unsafe=True)
+    init_dirac_param_(module.parametrizations.weight.original, beta)
+    return module
+
+
 def init_weights(model: nn.Module, init: str = "he", skip: tuple[nn.Module, ...] = ()) -> None:
     """Initialise every conv and linear layer of ``model``.
 
@@ -274,11 +295,7 @@ def init_weights(model: nn.Module, init: str = "he", skip: tuple[nn.Module, ...]
             big = m.kernel_size[0] > 1 and id(m.weight) not in skip_ids
             with torch.no_grad():
                 if big and init == "dirac_param" and m.groups == 1:
-                    path = torch.empty_like(m.weight)
-                    _dirac_(path)
-                    path[m.in_channels:] = 0  # extra outputs: no identity entry, only V
-                    parametrize.register_parametrization(m, "weight", DiracWeight(path), unsafe=True)
-                    init_dirac_param_(m.parametrizations.weight.original)
+                    dirac_parametrize(m)
                 elif big and init == "dirac" and m.groups == 1:
                     _dirac_(m.weight)
                 elif big and init == "delta_orthogonal" and m.groups == 1:

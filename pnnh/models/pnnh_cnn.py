@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ._registry import register_builder
 from .layers import DiracWeight, PooledClassifierHead, cnn_layout, init_dirac_param_, mirror
 
-__all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS",
+__all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "PNNHSequential", "pnnh_stage", "PicksKernels", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS",
            "CODER_INITS", "cifar_pnnh", "imagenet_pnnh", "upgrade_state_dict"]
 
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
@@ -97,6 +97,22 @@ class CoderSpec:
         return width - 2 * n_code, n_code
 
 
+class PicksKernels:
+    """Mixin for modules holding PNNH layers: ``.train()``/``.eval()`` and ``.to()``/``.double()``/...
+    end by giving each layer the kernel for its mode, device and memory format
+    (:func:`pnnh.models.kernels.select_kernels`); the forward itself never checks."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        kernels.select_kernels(self)
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        kernels.select_kernels(self)
+        return self
+
+
 class _WeightHolder(nn.Module):
     """Owns one coder weight shared by several layers (the layers refer to it, unregistered)."""
 
@@ -105,7 +121,7 @@ class _WeightHolder(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape))
 
 
-class PNNHConv2d(nn.Module):
+class PNNHConv2d(PicksKernels, nn.Module):
     """One mirrored PNNH layer: ``y = relu(mirror(BN(conv(x, [W_l; W_c]))))``.
 
     ``mirror(a) = cat(a_l, a_c, -a_c)``, so the output is ``[relu(a_l) | relu(a_c) | relu(-a_c)]``:
@@ -164,17 +180,6 @@ class PNNHConv2d(nn.Module):
         x = mirror(x, self.n_learn)
         x = self.act(x)
         return x
-
-    def train(self, mode: bool = True) -> PNNHConv2d:
-        """Set the mode, then let :func:`pnnh.models.kernels.select_kernels` pick this layer's kernel."""
-        super().train(mode)
-        kernels.select_kernels(self)
-        return self
-
-    def _apply(self, fn, recurse: bool = True) -> PNNHConv2d:  # .to(), .double(), .cpu(): the kernel follows
-        super()._apply(fn, recurse)
-        kernels.select_kernels(self)
-        return self
 
     # -- weights ---------------------------------------------------------------------------------
     def conv_weight(self) -> torch.Tensor:
@@ -403,7 +408,42 @@ class PNNHBlock(nn.Module):
         return self.layers(x)
 
 
-class PNNHNet(PooledClassifierHead, nn.Module):
+class PNNHSequential(PicksKernels, nn.Sequential):
+    """``nn.Sequential`` of PNNH layers (and parameter-free modules: pooling, dropout) whose code layouts chain.
+
+    Each PNNH layer must read what the previous one writes (channels and coder channels), else
+    :class:`~pnnh.errors.ConfigError` names the two layers. The CPU training kernels are chosen for
+    all its layers together, so a 1-channel stem follows the channels_last layers after it.
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        prev = None
+        for i, m in enumerate(self):
+            if not isinstance(m, (PNNHConv2d, TiedCoderLayer)):
+                continue
+            if prev is not None:
+                j, p = prev
+                out_code = p.n_code if isinstance(p, PNNHConv2d) else 0
+                if (p.out_ch, out_code) != (m.in_ch, m.in_code):
+                    raise ConfigError(f"layer {i} reads {m.in_ch} channels with {m.in_code} coder channels, but layer "
+                                      f"{j} writes {p.out_ch} with {out_code}: build layer {i} with "
+                                      f"in_channels={p.out_ch}, in_code={out_code}")
+            prev = i, m
+
+
+def pnnh_stage(in_channels: int, out_channels: int, depth: int, stride: int = 1, kernel_size: int = 3, *,
+               in_code: int | None = None, spec: CoderSpec | None = None) -> PNNHSequential:
+    """``depth`` PNNH layers: the first maps ``in_channels`` to ``out_channels`` with ``stride``
+    (reading ``in_code`` coder channels; 0 for an image), the rest keep the width and size."""
+    if depth < 1:
+        raise ConfigError(f"a stage needs depth >= 1, got {depth}")
+    layers = [PNNHConv2d(in_channels, out_channels, kernel_size, stride, in_code=in_code, spec=spec)]
+    layers += [PNNHConv2d(out_channels, out_channels, kernel_size, spec=spec) for _ in range(depth - 1)]
+    return PNNHSequential(*layers)
+
+
+class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
     """A PNNH CNN with the layout of a ResNet twin (same stages, widths, convolutions; no shortcut).
 
     Args:
@@ -503,18 +543,6 @@ class PNNHNet(PooledClassifierHead, nn.Module):
         x = self.stem(x)
         x = self.stages(x)
         return x
-
-    # -- kernels -------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> PNNHNet:
-        """Set the mode, then let :func:`pnnh.models.kernels.select_kernels` pick each layer's kernel."""
-        super().train(mode)
-        kernels.select_kernels(self)
-        return self
-
-    def _apply(self, fn, recurse: bool = True) -> PNNHNet:  # .to(), .double(), .cpu(): the kernels follow
-        super()._apply(fn, recurse)
-        kernels.select_kernels(self)
-        return self
 
 
 # -------------------------------------------------------------------------------------------------
