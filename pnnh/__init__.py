@@ -13,9 +13,10 @@ from .version import __version__
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ModelNotFoundError, PnnhError
 from .models import create_model, list_models, model_info, register_model
 from .bench.fuse import deploy
+from .models.convert import convert
 from . import layers
 
 __all__ = [
-    "create_model", "list_models", "model_info", "register_model", "deploy",
+    "create_model", "list_models", "model_info", "register_model", "deploy", "convert", "layers",
     "PnnhError", "ConfigError", "ModelNotFoundError", "DataError", "CheckpointError", "DivergenceError",
 ]

@@ -1,0 +1,329 @@
+"""pnnh.convert: residual blocks found by structure become plain or PNNH twins of the same layout.
+
+torchvision and timm do not import here, so their block classes are written out below as they are
+in torchvision/models/resnet.py and timm/models/resnet.py (the parts convert reads: attribute
+names, layer order, the downsample projection, the forward).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pnnh
+from pnnh.analysis.structure import find_residual_connections
+from pnnh.errors import ConfigError
+from pnnh.layers import PNNHConv2d
+
+
+# -- torchvision/models/resnet.py ------------------------------------------------------------------
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class TVBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class TVBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class TVResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64):
+        super().__init__()
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation = 64, 1
+        self.groups, self.base_width = groups, width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       self._norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, 1, self._norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                                dilation=self.dilation, norm_layer=self._norm_layer))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+# -- timm/models/resnet.py (blocks; attention, anti-aliasing and drop-block off) -----------------------
+class TimmBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d,
+                 attn_layer=None, drop_path=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.drop_block = nn.Identity()
+        self.act1 = act_layer(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.se = attn_layer(planes) if attn_layer is not None else None
+        self.act2 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class TimmBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.drop_block = nn.Identity()
+        self.act2 = act_layer(inplace=True)
+        self.aa = nn.Identity()
+        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
+        self.bn3 = norm_layer(outplanes)
+        self.se = None
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.drop_path = None
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+class TimmResNet(nn.Module):
+    """timm's ResNet trunk at small widths (``channels``), conv downsample."""
+
+    def __init__(self, block, layers, channels=(16, 32, 64, 128), num_classes=10, act_layer=nn.ReLU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1, self.act1 = nn.BatchNorm2d(16), act_layer(inplace=True)
+        self.maxpool = nn.Identity()
+        inplanes, stages = 16, []
+        for i, (n, ch) in enumerate(zip(layers, channels)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                down = None
+                if stride != 1 or inplanes != ch * block.expansion:
+                    down = nn.Sequential(nn.Conv2d(inplanes, ch * block.expansion, 1, stride, bias=False),
+                                         nn.BatchNorm2d(ch * block.expansion))
+                blocks.append(block(inplanes, ch, stride, down, act_layer=act_layer))
+                inplanes = ch * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.global_pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.global_pool(x).flatten(1))
+
+
+# -- tests ------------------------------------------------------------------------------------------
+def _convs(model):
+    """(in, out, kernel, stride) of every conv in forward order, shortcut projections left out."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and "downsample" not in name and "shortcut" not in name:
+            out.append((m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0]))
+        elif isinstance(m, PNNHConv2d):
+            out.append((m.in_ch, m.out_ch, m.kernel_size, m.stride))
+    return out
+
+
+def _check_twins(model, x):
+    assert find_residual_connections(model)  # the identity shortcuts of the original
+    for to in ("pnnh", "plain"):
+        twin = pnnh.convert(model, to=to)
+        assert _convs(twin) == _convs(model), to  # same widths, strides and depth
+        assert not find_residual_connections(twin), to
+        assert not any(isinstance(m, nn.Module) and "downsample" in n for n, m in twin.named_modules()), to
+        assert twin(x).shape == model(x).shape
+    assert _convs(model)  # the original is untouched
+    assert any(n.endswith("downsample") for n, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("block", [TVBasicBlock, TVBottleneck])
+def test_torchvision_resnets_become_plain_and_pnnh_twins(block):
+    torch.manual_seed(0)
+    model = TVResNet(block, [2, 1, 1, 1], num_classes=10).eval()
+    _check_twins(model, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("block", [TimmBasicBlock, TimmBottleneck])
+def test_timm_resnets_become_plain_and_pnnh_twins(block):
+    torch.manual_seed(0)
+    model = TimmResNet(block, [2, 2, 1, 1]).eval()
+    _check_twins(model, torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name, plain_name, plain_kwargs", [("resnet20", "plain20", {}),
+                                                            ("preact_resnet20", "preact_resnet20", {"shortcut": None}),
+                                                            ("resnet50", "plain50", {"width": 0.25})])
+def test_pnnh_resnets_become_their_registered_twins(name, plain_name, plain_kwargs):
+    torch.manual_seed(0)
+    model = pnnh.create_model(name, **({"width": 0.25} if name == "resnet50" else {})).eval()
+    x = torch.randn(2, 1, 28, 28)
+    plain = pnnh.convert(model, to="plain")
+    registered_plain = pnnh.create_model(plain_name, **plain_kwargs)
+    registered_plain.load_state_dict(plain.state_dict())  # the same tensors under the same names ...
+    torch.testing.assert_close(plain(x), registered_plain.eval()(x))  # ... and the same function
+    assert not find_residual_connections(plain) and not hasattr(plain, "pnnh_name")
+    twin = pnnh.convert(model, to="pnnh", coder_ratio=0.5)
+    assert _convs(twin) == _convs(model) and not find_residual_connections(twin)
+    layers = [m for m in twin.modules() if isinstance(m, PNNHConv2d)]
+    assert layers[0].in_code == 0 and all(b.in_code == a.n_code for a, b in zip(layers, layers[1:]))
+    assert all(2 * m.n_code == round(0.5 * m.out_ch / 2) * 2 for m in layers)
+    assert all(isinstance(b, pnnh.layers.PNNHSequential) for b in twin.blocks())  # blocks() finds the twins
+
+
+def test_the_pnnh_twin_of_a_torchvision_resnet_trains():
+    torch.manual_seed(0)
+    twin = pnnh.convert(TVResNet(TVBasicBlock, [1, 1, 1, 1], num_classes=10), to="pnnh")
+    twin = twin.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(twin.parameters(), lr=0.02, momentum=0.9)
+    x, y = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.arange(8) % 10
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(twin(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+class _GatedBlock(nn.Module):
+    """A residual block convert does not know: ``x + conv(x)`` with a ``shortcut``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.shortcut = nn.Conv2d(4, 4, 3, padding=1), nn.Identity()
+
+    def forward(self, x):
+        return self.shortcut(x) + self.conv(x)
+
+
+class _SEBlock(TimmBasicBlock):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, attn_layer=lambda c: nn.Conv2d(c, c, 1), **kwargs)
+
+
+def test_unsupported_blocks_and_bad_arguments_are_config_errors_naming_them():
+    resnext = TVResNet(TVBottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)
+    with pytest.raises(ConfigError, match=r"block 'layer1.0' \(TVBottleneck\).*groups=32"):
+        pnnh.convert(resnext, to="pnnh")
+    assert not find_residual_connections(pnnh.convert(resnext, to="plain"))  # plain twins keep any conv
+    with pytest.raises(ConfigError, match=r"block 'body.1' \(_GatedBlock\).*shortcut"):
+        pnnh.convert(nn.ModuleDict({"body": nn.Sequential(nn.Conv2d(3, 4, 1), _GatedBlock())}))
+    silu = TimmResNet(TimmBasicBlock, [1, 1, 1, 1], act_layer=nn.SiLU)
+    with pytest.raises(ConfigError, match="mirror a ReLU, the block uses SiLU"):
+        pnnh.convert(silu)
+    se = TimmResNet(_SEBlock, [1, 1, 1, 1])
+    with pytest.raises(ConfigError, match="has se=Conv2d"):
+        pnnh.convert(se, to="plain")
+    with pytest.raises(ConfigError, match="no residual block found in Sequential"):
+        pnnh.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(ConfigError, match="to must be"):
+        pnnh.convert(pnnh.create_model("resnet20"), to="resnet")
+    with pytest.raises(ConfigError, match="unknown option.*coder_raito"):
+        pnnh.convert(pnnh.create_model("resnet20"), coder_raito=0.5)
