@@ -6,5 +6,7 @@ from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, 
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
 from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
+from .timm_registry import register_timm_models
 
-__all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet"]
+__all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet",
+           "register_timm_models"]
