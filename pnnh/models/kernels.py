@@ -213,6 +213,12 @@ class TiedPNNHConv2d(PNNHConv2d):
         return full
 
 
+# leaves in torch.fx graphs: a trace of a net in its CPU training form records the tied ops as calls
+torch.fx.wrap("tied_rows")
+torch.fx.wrap("channels_last_view")
+torch.fx.wrap("mirrored_batch_norm")
+
+
 def _uses_tied_kernel(layer: PNNHConv2d, channels_last: bool) -> bool:
     bn = layer.bn
     return (channels_last and layer.training and layer.n_code > 0 and layer.weight.device.type == "cpu"

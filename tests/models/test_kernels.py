@@ -62,8 +62,9 @@ def test_kernels_are_chosen_by_mode_device_format_and_norm_and_are_plain_in_stru
     m.to(memory_format=CL)  # .to() selects too: the 1-channel stem follows the rest of the net
     assert _kinds(m) == {"TiedPNNHConv2d"} and m.stem[0].step_weights is m._kernel_step_weights
     assert _kinds(m.double()) == {"TiedPNNHConv2d"}
+    assert is_plain(m)  # torch.fx traces the training form too (its ops are leaves)
     assert _kinds(m.eval()) == {"PNNHConv2d"} and m._kernel_step_weights is None
-    assert is_plain(m)  # torch.fx sees the reference form
+    assert is_plain(m)
     frozen = pnnh.create_model("pnnh20", coder_ratio=0.0).to(memory_format=CL).train()
     assert _kinds(frozen) == {"PNNHConv2d"}  # no coder channels: nothing to tie
     lone = PNNHConv2d(1, 16, in_code=0).to(memory_format=CL).train()
