@@ -16,7 +16,7 @@ learner and ``C_c`` coder channels, one BatchNorm over them, and the activation:
 ``-I`` on ``relu(-e)`` (looks-linear style), receives the code ``e`` unchanged through the ReLU.
 That is the internal path: no shortcut, no addition, only a plain conv-BN-ReLU chain. After
 BN folding the layer *is* a conv with tied rows ``[W_l; W_c; -W_c]`` followed by a ReLU
-(:meth:`PNNHLayer.as_plain_conv`), so a deployed PNNH net is a pure conv-ReLU chain.
+(:meth:`PNNHConv2d.as_plain_conv`), so a deployed PNNH net is a pure conv-ReLU chain.
 
 Other coders (documented options, measured in ``docs/results/pnnh_ablation.md``):
 
