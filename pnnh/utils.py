@@ -14,18 +14,52 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["atomic_write_text", "parse_kv"]
+__all__ = ["atomic_write_text", "parse_kv", "remove_stale_temp_files"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only: name the file the user can act on
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path, *, owned: bool = False) -> list[Path]:
+    """Delete the temp files that writers killed mid-write left in ``directory``; return them.
+
+    Our writers use ``.<name>.tmp<pid>``: one is removed when its process is gone (or at once when
+    the caller owns the directory, e.g. holds a run's lock). safetensors itself writes through a
+    ``.tmpXXXXXX`` file (six random characters) that carries no owner: removed only when ``owned``.
+    """
+    directory = Path(directory)
+    removed = []
+    for p in directory.glob(".*.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if owned or (pid.isdigit() and not _pid_alive(int(pid))):
+            removed.append(p)
+    if owned:
+        removed += [p for p in directory.glob(".tmp??????") if p.name[4:].isalnum()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def parse_kv(items: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:

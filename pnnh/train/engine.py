@@ -31,6 +31,7 @@ from .. import models
 from ..data import InMemoryLoader, load_dataset
 from ..errors import CheckpointError, ConfigError, DivergenceError
 from . import distributed as dist_utils
+from ..utils import remove_stale_temp_files
 from .checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
@@ -132,10 +133,15 @@ def _lock_run_dir(out: Path) -> None:
         f.close()
         raise ConfigError(f"{out} is in use by another running pnnh process (pid {holder}); "
                           "wait for it to finish or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # disk full: name the file, release the lock
+        with contextlib.suppress(OSError):
+            f.close()
+        raise OSError(e.errno, e.strerror, str(out / ".lock")) from None
     _RUN_LOCKS[key] = f
 
 
@@ -160,8 +166,7 @@ def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if (out / CKPT_NAME).exists() and not resume:
         _unlock_run_dir(out)
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    for stale in out.glob(".*.tmp*"):  # temp files of a writer killed mid-write (see checkpoint.py)
-        stale.unlink(missing_ok=True)
+    remove_stale_temp_files(out, owned=True)  # of a writer killed mid-write; the lock makes them ours
     return out
 
 
@@ -280,6 +285,23 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
+
+    def diverged(what: str) -> None:
+        if bar is not None:
+            bar.close()
+        msg = f"training diverged: {what}; last finite loss {last_finite:.4g}. "
+        msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
+        if is_main and out is not None:
+            _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
+        raise DivergenceError(msg)
+
+    def check_finite() -> None:
+        """Before a checkpoint or an epoch's end: a model holding inf/NaN is never saved or reported."""
+        bad = _non_finite_entry(model)
+        if dist_utils.all_reduce_sum(torch.tensor([float(bad is not None)], dtype=torch.float64)).item():
+            diverged(f"the weights or BatchNorm statistics became non-finite ({bad or 'on another rank'}) "
+                     f"by step {step} (lr {lr_at(max(step - 1, 0), total_steps, cfg):.4g})")
+
     model.train()
     for epoch in range(step // steps_per_epoch if step < total_steps else num_epochs, num_epochs):
         train_loader.set_epoch(epoch)
@@ -303,14 +325,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             else:
                 mean_loss = loss_val
             if not math.isfinite(mean_loss):
-                if bar is not None:
-                    bar.close()
-                msg = (f"training diverged: loss became {mean_loss} at step {step} (epoch {epoch}, lr {lr:.4g}); "
-                       f"last finite loss {last_finite:.4g}. ")
-                msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
-                if is_main and out is not None:
-                    _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
-                raise DivergenceError(msg)
+                diverged(f"loss became {mean_loss} at step {step} (epoch {epoch}, lr {lr:.4g})")
             last_finite = mean_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -339,10 +354,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                 sums = dist_utils.all_reduce_sum(sums)
                 if not is_main:
                     sums.zero_()
+                check_finite()
                 save(sums)
                 t0, seg_images = time.perf_counter(), 0
         clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
         sums = dist_utils.all_reduce_sum(sums)
+        check_finite()
         if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
             dist_utils.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it saves
             test = evaluate(model, test_loader, device, amp_dtype)
@@ -351,8 +368,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
                "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
         if is_main and out is not None:  # before the checkpoint: a resume drops lines past its step
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            _append_line(out / "metrics.jsonl", json.dumps(rec))
         save(None)
         if bar is not None:
             bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
@@ -387,11 +403,59 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path``; a failed write (disk full) is cut back off, leaving no torn line."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    size = os.fstat(fd).st_size
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _metric_step(line: str) -> int | None:
+    """The ``step`` of one metrics.jsonl line, or None for a line that is not a whole record."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to the checkpoint's ``step``; drop later ones and torn ones.
+
+    A torn line is what a write cut short leaves (a full disk, a kill mid-write): it is dropped
+    with a warning, so the resumed run rewrites that epoch's record.
+    """
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    steps = [_metric_step(ln) for ln in lines]
+    torn = sum(s is None for s in steps)
+    if torn:
+        print(f"warning: dropped {torn} incomplete line(s) from {path}", file=sys.stderr, flush=True)
+    keep = [ln for ln, s in zip(lines, steps) if s is not None and s <= step]
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _non_finite_entry(model: nn.Module) -> str | None:
+    """The name of the first weight or buffer holding an inf or NaN, or None when all are finite."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _check_input_size(model: nn.Module, ds) -> None:
