@@ -72,6 +72,7 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
     "schedule": "schedule", "weight_decay": "weight_decay", "label_smoothing": "label_smoothing",
     "warmup": "warmup", "train_subset": "train_subset", "test_subset": "test_subset", "threads": "threads",
     "device": "device", "amp": "amp", "checkpoint_every": "checkpoint_every", "eval_batch_size": "eval_batch_size",
+    "img_size": "img_size",
 }
 
 
@@ -95,6 +96,7 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
               help="Random crop + flip on training batches [auto: on for runs of >= 10 epochs].")
 @click.option("--train-subset", type=int, help="Train on the first N images only.")
 @click.option("--test-subset", type=int, help="Evaluate on the first N test images only.")
+@click.option("--img-size", type=int, help="Resize images to N x N when loading (bilinear), e.g. an ImageFolder of mixed sizes.")
 @click.option("--eval-batch-size", type=int, help="Evaluation batch size [1000].")
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--device", help="cpu, cuda or auto [cpu].")
@@ -155,11 +157,20 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
 @click.option("--epochs", type=int, help="Epochs per model.")
 @click.option("--steps", type=int, help="Steps per model (instead of --epochs).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, help="Peak learning rate [0.1].")
+@click.option("--batch-size", type=int, help="Per-process batch size [128].")
+@click.option("--model-kwarg", "-k", "model_kwarg", multiple=True, metavar="KEY=VALUE",
+              help="Model option for every model, repeatable: -k width=0.5.")
+@click.option("--train-subset", type=int, help="Train on the first N images only.")
+@click.option("--test-subset", type=int, help="Evaluate on the first N test images only.")
+@click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory; one run per model inside.")
-def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
+def compare_cmd(model_list, data, data_dir, epochs, steps, seed, lr, batch_size, model_kwarg, train_subset,
+                test_subset, threads, out) -> None:
     """Train several models with the same recipe and print a side-by-side table.
 
-    Finished runs are reused; an interrupted one resumes from its checkpoint.
+    Every name and option is checked before the first run starts. Finished runs are reused; an
+    interrupted one resumes from its checkpoint.
     """
     from pathlib import Path
 
@@ -167,17 +178,44 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
 
     if epochs is None and steps is None:
         raise ConfigError("give --epochs or --steps")
+    names = [m.strip() for m in model_list.split(",") if m.strip()]
+    if not names:
+        raise ConfigError(f"--models names no model ({model_list!r}); give comma-separated names, e.g. plain56,resnet56")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--models names a model twice ({model_list!r})")
+    recipe = {k: v for k, v in dict(lr=lr, batch_size=batch_size, train_subset=train_subset, test_subset=test_subset,
+                                     threads=threads).items() if v is not None}
+    kwargs = parse_kv(model_kwarg, "--model-kwarg")
+    cfgs = [TrainConfig(model=name, model_kwargs=kwargs, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
+                        seed=seed, out=str(Path(out) / name), resume=True, **recipe).validate() for name in names]
+    for cfg in cfgs:  # unknown names and options fail here, before any training
+        _check_model_options(cfg.model, cfg.model_kwargs)
     rows = []
-    for name in [m.strip() for m in model_list.split(",") if m.strip()]:
-        run_dir = Path(out) / name
-        click.echo(f"[{len(rows) + 1}] {name} -> {run_dir}")
-        cfg = TrainConfig(model=name, data=data, data_dir=data_dir, epochs=epochs, steps=steps, seed=seed,
-                          out=str(run_dir), resume=True)
+    for cfg in cfgs:
+        click.echo(f"[{len(rows) + 1}] {cfg.model} -> {cfg.out}")
         rows.append(train(cfg))
     click.echo(f"\n{'model':<14}{'params':>10}{'test acc':>10}{'train img/s':>13}{'wall s':>9}")
     for r in rows:
         click.echo(f"{r['model']:<14}{r['params'] / 1e6:>9.3f}M{r['test_acc'] * 100:>9.1f}%"
                    f"{r['train_img_per_s']:>13.0f}{r['wall_s']:>9.1f}")
+
+
+def _check_model_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Build ``name`` with ``kwargs`` on the meta device (no memory, no init maths): raises the
+    ConfigError a bad name or option would raise at training time."""
+    import torch
+
+    from .errors import PnnhError
+    from .models import create_model, model_info
+
+    model_info(name)
+    try:
+        with torch.device("meta"):
+            create_model(name, **kwargs)
+    except PnnhError:
+        raise
+    except Exception:  # an init that cannot run on meta tensors: the real build checks it
+        pass
 
 
 # --- sub-commands defined in their own modules: one import + add_command each ---------------------

@@ -14,7 +14,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["atomic_write_text", "parse_kv", "remove_stale_temp_files"]
+__all__ = ["atomic_write_text", "parse_kv", "load_yaml", "remove_stale_temp_files"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -63,15 +63,54 @@ def remove_stale_temp_files(directory: str | Path, *, owned: bool = False) -> li
 
 
 def parse_kv(items: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as YAML scalars (``width=2`` -> 2, ``init=dirac`` -> 'dirac').
+    """``key=value`` pairs; values parsed as YAML scalars (``width=2`` -> 2, ``init=dirac`` -> 'dirac',
+    ``width=1e-3`` -> 0.001: a number in exponent form is a number, as in Python).
 
-    ``what`` names the option in the error raised for an item without ``=``; dashes in keys
-    become underscores (``drop-path=0.1`` is ``drop_path``).
+    ``what`` names the option in the error raised for an item without ``=`` or with a value that
+    is not YAML; dashes in keys become underscores (``drop-path=0.1`` is ``drop_path``).
     """
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"{what} expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        try:
+            value = load_yaml(v, f"{what} {k}")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{what} {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if isinstance(value, str) and value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity"):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[k.strip().replace("-", "_")] = value
     return out
+
+
+MAX_YAML_NODES = 100_000  # values after expanding aliases: a config has tens
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once instead of looping
+        if isinstance(node, yaml.SequenceNode):
+            memo[id(node)] += sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[id(node)] += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return memo[id(node)]
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)`` refusing documents whose aliases expand past :data:`MAX_YAML_NODES`
+    values (an "anchor bomb" of a few hundred bytes would otherwise fill the memory)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{what} expands to more than {MAX_YAML_NODES:,} values through YAML aliases; "
+                              "write the values out")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, PnnhError
 
 __all__ = ["register_model", "register_builder", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
 
@@ -56,11 +56,21 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | 
 
 
 def register_builder(namespace: dict, name: str, builder: Callable[..., nn.Module], doc: str, *,
-                     family: str, depth: int | None, layout: str | None) -> None:
+                     family: str, depth: int | None, layout: str | None, fixed: tuple[str, ...] = ()) -> None:
     """Register ``builder`` as the entry point ``name`` (documented by ``doc``) and bind it in
-    ``namespace`` (a module's ``globals()``): how a family registers its depths in a loop."""
+    ``namespace`` (a module's ``globals()``): how a family registers its depths in a loop.
+
+    ``fixed`` names the builder arguments the name itself defines (``plain``, ``bottleneck`` ...);
+    they, the depth (``d``, ``depth``) and the ``layers``/``layout`` are refused as options, so a
+    model recorded as ``name`` is always the network that name says.
+    """
+    refused = {"d", "depth", "layers", "layout", *fixed}
 
     def fn(**kwargs):
+        given = sorted(refused & set(kwargs))
+        if given:
+            raise ConfigError(f"{name} fixes {', '.join(given)} in its name; pick the registered model that has "
+                              f"the architecture you want (`pnnh models`)")
         return builder(**kwargs)
 
     fn.__name__ = fn.__qualname__ = name
@@ -98,6 +108,11 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
+def _options(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
 def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
@@ -111,11 +126,27 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: 
     info = model_info(name)
     try:
         model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except PnnhError:  # already says what is wrong
+        raise
     except TypeError as e:  # unknown kwarg -> a clear config error, not a traceback
         msg = str(e)
         if "unexpected keyword argument" in msg or "got an unexpected" in msg:
             raise ConfigError(f"model {name!r} does not take that option: {msg}") from None
-        raise
+        if "multiple values for" in msg:
+            raise ConfigError(f"model {name!r} fixes that option in its name: {msg}") from None
+        if not kwargs:
+            raise
+        raise ConfigError(f"model {name!r} cannot be built with {_options(kwargs)}: {msg}") from None
+    except ValueError as e:  # e.g. a torch layer refusing a value no family check caught
+        if not kwargs:
+            raise
+        raise ConfigError(f"model {name!r} cannot be built with {_options(kwargs)}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # the allocator refusing a model too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model {name!r} with {_options(kwargs) or 'its defaults'} does not fit in memory: "
+                          f"{first}") from None
     model.pnnh_name = name
     model.pnnh_kwargs = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model

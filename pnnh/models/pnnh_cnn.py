@@ -716,7 +716,7 @@ def _looks_linear(builder):
 
 def _register_family() -> None:
     def add(name, family, depth, layout, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout, fixed=("bottleneck",))
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),

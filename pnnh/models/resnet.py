@@ -273,9 +273,21 @@ def imagenet_resnet(depth: int, *, plain: bool = False, **kwargs) -> ResNet:
     return ResNet(layers, block, layout="imagenet", **kwargs)
 
 
+def _keeps_shortcut(builder):
+    def build(**kwargs):
+        if "shortcut" in kwargs and kwargs["shortcut"] is None:
+            raise ConfigError("shortcut=None removes the residual connection: use the plain twin (plainN) instead")
+        return builder(**kwargs)
+
+    return build
+
+
 def _register_family() -> None:
     def add(name, family, depth, layout, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
+        # the name says residual or plain: a plain twin takes no shortcut option, a residual net no shortcut=None
+        fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
+        register_builder(globals(), name, _keeps_shortcut(builder) if family != "plain" else builder, doc,
+                         family=family, depth=depth, layout=layout, fixed=fixed)
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),

@@ -33,7 +33,7 @@ from ..errors import CheckpointError
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
-           "FORMAT"]
+           "read_state", "FORMAT"]
 
 FORMAT = "pnnh-checkpoint-v1"
 
@@ -170,6 +170,29 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _decode_metadata(path, header)
 
 
+STATE_KEYS = ("config", "step", "curve", "train_seconds", "train_images", "wall_seconds")
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The run ``state`` of a resumable checkpoint (header only), checked to hold what a resume reads."""
+    path = Path(path)
+    meta = read_metadata(path)
+    _check_resumable_meta(meta, path)
+    return meta["state"]
+
+
+def _check_resumable_meta(meta: dict[str, Any], path: Path) -> None:
+    if meta.get("kind") != "checkpoint":
+        raise CheckpointError(f"{path} holds weights only ({meta.get('kind')!r}), not a resumable training checkpoint")
+    state = meta.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no run state")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["step"], int):
+        raise CheckpointError(f"checkpoint {path} is incomplete: its run state lacks or mangles "
+                              f"{', '.join(missing) or 'config/step'}")
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of one and the same file version."""
     header, data = _read(path, header_only=False)
@@ -223,8 +246,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore model, optimizer and RNG from a checkpoint; return its run ``state``."""
     path = Path(path)
     meta, tensors = _read_checkpoint(path)
-    if meta.get("kind") != "checkpoint":
-        raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
+    _check_resumable_meta(meta, path)
+    missing = [k for k in ("rng.torch",) if k not in tensors]
+    missing += [k for k in ("optim_param_groups",) if optimizer is not None and k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {' or '.join(missing)}")
     _load_model_state(model, tensors, meta, path)
     if optimizer is not None:
         groups = meta["optim_param_groups"]
@@ -237,7 +263,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             state.setdefault(int(idx), {}).update(sc)
         try:
             optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"optimizer state in {path} does not fit this run: {e}") from None
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])

@@ -32,7 +32,7 @@ from ..data import InMemoryLoader, load_dataset
 from ..errors import CheckpointError, ConfigError, DivergenceError
 from . import distributed as dist_utils
 from ..utils import remove_stale_temp_files
-from .checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint, save_weights
+from .checkpoint import atomic_write_text, load_checkpoint, read_state, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
 
@@ -176,7 +176,7 @@ def _is_restart_of_this_job(cfg: TrainConfig) -> bool:
     ckpt = Path(cfg.out) / CKPT_NAME if cfg.out else None
     if not (dist_utils.elastic_restart() and run_id and ckpt and ckpt.exists()):
         return False
-    return read_metadata(ckpt)["state"].get("elastic_run_id") == run_id
+    return read_state(ckpt).get("elastic_run_id") == run_id
 
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -222,8 +222,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     dist_utils.barrier()
 
     # data: whole dataset in memory as uint8 tensors
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, img_size=cfg.img_size)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, img_size=cfg.img_size)
     if cfg.train_subset:
         train_ds = train_ds.subset(cfg.train_subset)
     if cfg.test_subset:
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
     ckpt = out / CKPT_NAME if out else None
     if resume and ckpt is not None and ckpt.exists():
-        saved = read_metadata(ckpt)["state"]
+        saved = read_state(ckpt)
         _check_resumable(saved["config"], cfg, ckpt)  # names what differs, before loading anything
         if saved.get("world_size", 1) != world:  # the global batch and each rank's data order depend on it
             raise ConfigError(f"cannot resume from {ckpt}: it was trained by {saved.get('world_size', 1)} "

@@ -64,6 +64,14 @@ def data(fmnist_small, tmp_path_factory) -> dict[str, Path]:
     img.write_bytes(b"\x00\x00\x08\x01" + img.read_bytes()[4:])  # the labels' magic on the images file
     (dirs["badgz"] / "train-images-idx3-ubyte").unlink()
     (dirs["badgz"] / "train-images-idx3-ubyte.gz").write_bytes(b"<html>404 not found</html>")  # a failed download
+    from PIL import Image
+
+    for name, sizes in (("bomb", (15000, 8)), ("mixed", (28, 32))):  # ImageFolders: a 225-megapixel PNG; two sizes
+        for split in ("train", "test"):
+            for i, size in enumerate(sizes):
+                (root / name / split / f"c{i}").mkdir(parents=True)
+                Image.new("1" if size > 1000 else "L", (size, size)).save(root / name / split / f"c{i}" / "a.png")
+        dirs[name] = root / name
     return dirs
 
 
@@ -90,9 +98,9 @@ class Needs32px(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _config(tmp_path: Path, text: str) -> str:
+def _config(tmp_path: Path, text: str | bytes) -> str:
     p = tmp_path / "config.yaml"
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(p)
 
 
@@ -143,7 +151,82 @@ CASES = [
     ("output dir not writable", lambda t, d: ["--out", str(_file(t) / "run")],
      r"output directory .*/a-file/run is not writable: (Not a directory|File exists)", 2),
     ("output dir is a file", lambda t, d: ["--out", str(_file(t))], r"Directory '.*a-file' is a file", 2),
+    ("weights file where the checkpoint belongs",
+     lambda t, d: _with_checkpoint(t, d, lambda r, c: shutil.copy(r / "model.safetensors", c)),
+     r"checkpoint.safetensors holds weights only \('weights'\), not a resumable training checkpoint", 2),
+    ("checkpoint without run state", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_meta=("state",))),
+     r"checkpoint .* is incomplete: it has no run state", 2),
+    ("checkpoint without step", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_state=("step",))),
+     r"checkpoint .* is incomplete: its run state lacks or mangles step", 2),
+    ("checkpoint without RNG state", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_tensors=("rng.torch",))),
+     r"checkpoint .* is incomplete: no rng.torch", 2),
+    ("checkpoint without optimizer groups",
+     lambda t, d: _with_checkpoint(t, d, _rewrite(drop_meta=("optim_param_groups",))),
+     r"checkpoint .* is incomplete: no optim_param_groups", 2),
+    ("option fixed by the name: plain", lambda t, d: ["-k", "plain=true"], r"resnet20 fixes plain in its name", 2),
+    ("option fixed by the name: depth", lambda t, d: ["-k", "d=56"], r"resnet20 fixes d in its name", 2),
+    ("option removing the shortcut", lambda t, d: ["-k", "shortcut=null"],
+     r"shortcut=None removes the residual connection: use the plain twin", 2),
+    ("num_classes as a model option", lambda t, d: ["-k", "num_classes=5"],
+     r"model_kwargs: num_classes come from the dataset", 2),
+    ("in_chans as a model option", lambda t, d: ["-k", "in_chans=3"], r"model_kwargs: in_chans come from the dataset", 2),
+    ("model option of the wrong type", lambda t, d: ["-k", "width=abc"],
+     r"model 'resnet20' cannot be built with width='abc'", 2),
+    ("model option not YAML", lambda t, d: ["-k", "width=[1"], r"--model-kwarg 'width=\[1': the value is not valid YAML", 2),
+    ("model too large for memory", lambda t, d: ["-k", "width=100000"],
+     r"model 'resnet20' with width=100000.* does not fit in memory: .*can't allocate memory", 2),
+    ("ViT dropout out of range", lambda t, d: ["--model", "vit_mini_d6", "-k", "drop_rate=-1"],
+     r"drop_rate must be in \[0, 1\), got -1", 2, ["-k"]),
+    ("config list where a number belongs", lambda t, d: ["--config", _config(t, "model_kwargs: {width: [1, 2]}\n")],
+     r"model 'resnet20' cannot be built with width=\[1, 2\]", 2, ["-k"]),
+    ("config not UTF-8", lambda t, d: ["--config", _config(t, b"lr: 0.1\nmodel: \xff\n")],
+     r"config\.yaml is not UTF-8 text \(byte 0xff at offset 15\)", 2),
+    ("config YAML anchor bomb", lambda t, d: ["--config", _config(t, BOMB)],
+     r"expands to more than 100,000 values through YAML aliases", 2),
+    ("config option name not text", lambda t, d: ["--config", _config(t, "1: 2\n")], r"option names must be text, got 1", 2),
+    ("config AdamW betas of one number", lambda t, d: ["--config", _config(t, "optimizer: adamw\nbetas: [0.9]\n")],
+     r"betas must be two numbers in \[0, 1\) .* got \[0.9\]", 2),
+    ("config negative grad_clip", lambda t, d: ["--config", _config(t, "grad_clip: -1\n")],
+     r"grad_clip is a maximum gradient norm: a finite number > 0 \(or unset\), got -1", 2),
+    ("config momentum of 1 or more", lambda t, d: ["--config", _config(t, "momentum: 1.5\n")],
+     r"momentum must be < 1, got 1.5", 2),
+    ("seed beyond 64 bits", lambda t, d: ["--seed", "18446744073709551616"],
+     r"seed must be an integer in \[0, 2\*\*63\), got 18446744073709551616", 2),
+    ("negative seed", lambda t, d: ["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*63\), got -1", 2),
+    ("zero image size", lambda t, d: ["--img-size", "0"], r"img_size must be a positive integer, got 0", 2),
+    ("ImageFolder decompression bomb", lambda t, d: ["--data", "imagefolder", "--data-dir", str(d["bomb"])],
+     r"c0/a.png is too large to decode \(Image size \(225000000 pixels\) exceeds limit", 2),
+    ("ImageFolder of mixed sizes", lambda t, d: ["--data", "imagefolder", "--data-dir", str(d["mixed"])],
+     r"images differ in size: .* pass img_size=\.\.\. \(--img-size\)", 2),
 ]
+
+
+def _with_checkpoint(t: Path, d: dict, make) -> list[str]:
+    """A copy of the finished run whose checkpoint.safetensors is replaced by ``make(finished run)``."""
+    run = shutil.copytree(d["finished"], t / "damaged")
+    make(run, run / "checkpoint.safetensors")
+    return ["--out", str(run)]
+
+
+def _rewrite(drop_state=(), drop_tensors=(), drop_meta=()):
+    """Rewrite a real checkpoint without some run-state entries, tensors or metadata entries."""
+
+    def make(run: Path, ckpt: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(ckpt), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop_tensors}
+        state = {k: v for k, v in json.loads(meta["state"]).items() if k not in drop_state}
+        meta = {k: v for k, v in {**meta, "state": json.dumps(state)}.items() if k not in drop_meta}
+        save_file(tensors, str(ckpt), metadata=meta)
+
+    return make
+
+
+BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+               for p, c in zip(["", *"abcde"], "abcdef")) + f"lr: [{', '.join(['*f'] * 9)}]\n"  # 9**7 values in 300 bytes
 
 
 def _file(t: Path) -> Path:
@@ -158,12 +241,14 @@ def test_bad_input_one_clear_error(extra, match, code, drop, data, finished, tmp
     monkeypatch.setitem(_registry._MODELS, "needs32px",
                         _registry.ModelInfo("needs32px", "test", fn=lambda **kw: Needs32px(**kw)))
     before = snapshot(finished)
-    exit_code, err = run_cli(argv(data["good"], finished, *extra(tmp_path, data), drop=drop), capsys)
+    exit_code, err = run_cli(argv(data["good"], finished, *extra(tmp_path, {**data, "finished": finished}), drop=drop),
+                             capsys)
     lines = [l for l in err.splitlines() if l.strip()]
     assert exit_code == code, err
     assert "Traceback" not in err
     assert sum(l.startswith(("error:", "Error:")) for l in lines) == 1, err
     assert len(lines) <= 3, err  # click's usage errors add a usage and a hint line
+    assert max(len(l) for l in lines) < 600, err  # a line a person reads, whatever the input
     assert re.search(match, err), err
     assert snapshot(finished) == before  # the finished run on disk is untouched
 
