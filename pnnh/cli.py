@@ -21,6 +21,7 @@ CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
 def _count_params(name: str) -> int | None:
+    """Parameters of ``name`` at its defaults, built on the meta device (shapes only, no memory)."""
     import torch
 
     from .models import create_model
@@ -36,6 +37,54 @@ def _count_params(name: str) -> int | None:
     return sum(p.numel() for p in m.parameters())
 
 
+class _ParamCache:
+    """Parameter counts of registered models, kept in ``~/.cache/pnnh/param-counts.json`` (or
+    ``$XDG_CACHE_HOME``) under a key made of the model sources and the torch version: building
+    every model once takes minutes on a small CPU, reading the cache milliseconds."""
+
+    def __init__(self) -> None:
+        import hashlib
+        import os
+        from pathlib import Path
+
+        import torch
+
+        from . import models
+
+        src = sorted(Path(models.__file__).parent.glob("*.py"))
+        digest = hashlib.sha256(torch.__version__.encode())
+        for p in src:
+            digest.update(p.name.encode() + p.read_bytes())
+        self.key = digest.hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = root / "pnnh" / "param-counts.json"
+        self.counts: dict[str, int | None] = {}
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved.get("key") == self.key:
+                self.counts = dict(saved["counts"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        self.dirty = False
+
+    def get(self, name: str) -> int | None:
+        if name not in self.counts:
+            self.counts[name] = _count_params(name)
+            self.dirty = True
+        return self.counts[name]
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        from .train.checkpoint import atomic_write_text
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"key": self.key, "counts": self.counts}))
+        except OSError:  # a read-only home: counting again next time is fine
+            pass
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="pnnh")
 def cli() -> None:
@@ -47,23 +96,36 @@ def cli() -> None:
 @click.option("--family", help="Only this family (plain, resnet, preact_resnet, pnnh, vit ...).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models_cmd(pattern: str | None, family: str | None, as_json: bool) -> None:
-    """List registered models matching PATTERN (a glob such as 'plain*')."""
+    """List registered models matching PATTERN (a glob such as 'plain*').
+
+    Any CIFAR-layout depth builds by name (resnet14, pnnh26, ...), listed or not.
+    """
     from .models import list_models, model_info
 
+    if family is not None:
+        families = sorted({model_info(n).family for n in list_models()})
+        if family not in families:
+            raise ConfigError(f"unknown family {family!r}; families: {', '.join(families)}")
+    names = list_models(pattern, family=family)
+    if not names:
+        raise ConfigError(f"no model matches {pattern!r}" + (f" in family {family!r}" if family else ""))
+    cache = _ParamCache()
     rows = []
-    for name in list_models(pattern, family=family):
-        info = model_info(name)
-        rows.append({"name": name, "family": info.family, "depth": info.depth, "layout": info.layout,
-                     "params": _count_params(name), "doc": info.doc})
+    if not as_json:
+        click.echo(f"{'name':<24}{'family':<16}{'depth':>6}  {'layout':<9}{'params (1ch,10cls)':>19}")
+    try:
+        for name in names:  # rows appear as they are counted: a first, uncached listing takes a while
+            info = model_info(name)
+            r = {"name": name, "family": info.family, "depth": info.depth, "layout": info.layout,
+                 "params": cache.get(name), "doc": info.doc}
+            rows.append(r)
+            if not as_json:
+                params = f"{r['params'] / 1e6:.3f}M" if r["params"] is not None else "?"
+                click.echo(f"{r['name']:<24}{r['family']:<16}{r['depth'] or '':>6}  {r['layout'] or '':<9}{params:>19}")
+    finally:
+        cache.save()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        raise ConfigError(f"no model matches {pattern!r}")
-    click.echo(f"{'name':<24}{'family':<16}{'depth':>6}  {'layout':<9}{'params (1ch,10cls)':>19}")
-    for r in rows:
-        params = f"{r['params'] / 1e6:.3f}M" if r["params"] is not None else "?"
-        click.echo(f"{r['name']:<24}{r['family']:<16}{r['depth'] or '':>6}  {r['layout'] or '':<9}{params:>19}")
 
 
 _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
@@ -134,6 +196,13 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
     for field, flag in (("compile", compile_), ("sync_bn", sync_bn), ("resume", resume)):
         if flag:
             values[field] = True
+    if values.get("resume") and values.get("out"):  # the stored config fills in what is not given
+        stored = _stored_config(values["out"])
+        for given, belong in (("model", ("model_kwargs",)), ("epochs", ("steps",)), ("steps", ("epochs",))):
+            if given in values:  # options of another model, the other way to give the length: not mixed in
+                for k in belong:
+                    stored.pop(k, None)
+        values = {**stored, **values}
     if "epochs" in values and "steps" in values and flags.get("steps") is not None and flags.get("epochs") is None:
         values.pop("epochs")  # a --steps flag overrides epochs from a config file
     if not values.get("out"):
@@ -148,6 +217,20 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
     if is_main:
         click.echo(f"{summary['model']}: test acc {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M params, "
                    f"{summary['train_img_per_s']:.0f} train img/s, {summary['wall_s']:.1f} s -> {cfg.out}/summary.json")
+
+
+def _stored_config(out: str) -> dict[str, Any]:
+    """The TrainConfig fields a run in ``out`` was started with (from its checkpoint), or {} for a
+    directory without one: ``--resume`` continues a run without retyping its flags."""
+    from pathlib import Path
+
+    from .train.checkpoint import read_state
+    from .train.engine import CKPT_NAME
+
+    ckpt = Path(out) / CKPT_NAME
+    if not ckpt.exists():
+        return {}
+    return {k: v for k, v in read_state(ckpt)["config"].items() if k not in ("out", "resume", "progress")}
 
 
 @cli.command("compare")

@@ -63,6 +63,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
     """
     if check and not onnxruntime_available():
         raise ExportError(f"the onnxruntime parity check needs onnxruntime: {INSTALL_HINT}, or pass check=False")
+    lo, hi = opset_range()
+    if not lo <= opset <= hi:
+        raise ExportError(f"opset {opset} is not one this torch can write ({lo} to {hi}); the default is 17")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -142,9 +145,6 @@ def _output_kept_on_success():
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    lo, hi = opset_range()
-    if not lo <= opset <= hi:
-        raise ExportError(f"opset {opset} is not one this torch can write ({lo} to {hi}); the default is 17")
     with _output_kept_on_success():
         _export_quiet(model, example, path, opset)
 

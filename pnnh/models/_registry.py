@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, ModelNotFoundError, PnnhError
 
-__all__ = ["register_model", "register_builder", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
+__all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,22 @@ def register_builder(namespace: dict, name: str, builder: Callable[..., nn.Modul
     namespace[name] = register_model(fn, family=family, depth=depth, layout=layout)
 
 
+_RESOLVERS: list[Callable[[str], bool]] = []
+
+
+def register_resolver(fn: Callable[[str], bool]) -> Callable[[str], bool]:
+    """Add ``fn(name) -> bool``: called for a name not registered, it registers that name (e.g. any
+    valid depth of a family, ``resnet14``) and returns True, or returns False."""
+    _RESOLVERS.append(fn)
+    return fn
+
+
+def _resolve(name: str) -> bool:
+    return name in _MODELS or any(r(name) and name in _MODELS for r in _RESOLVERS)
+
+
 def is_model(name: str) -> bool:
-    return name in _MODELS
+    return _resolve(name)
 
 
 def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
@@ -99,7 +113,7 @@ def list_models(pattern: str | None = None, family: str | None = None) -> list[s
 
 
 def model_info(name: str) -> ModelInfo:
-    if name not in _MODELS:
+    if not _resolve(name):
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ModelNotFoundError(

@@ -329,3 +329,66 @@ def test_real_write_failure_in_a_subprocess(data, tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith("error: could not write checkpoint"), p.stderr
     assert "File too large" in p.stderr
     assert not list(out.glob(".*.tmp*")) and not (out / "checkpoint.safetensors").exists()
+
+
+def test_resume_needs_only_the_run_directory(data, finished, tmp_path, capsys):
+    """`pnnh train --out RUN --resume` continues with the configuration stored in RUN's checkpoint."""
+    from pnnh.train import TrainConfig, train
+    from pnnh.train.checkpoint import read_state
+
+    cfg = TrainConfig.from_dict({**read_state(finished / "checkpoint.safetensors")["config"],
+                                 "out": str(tmp_path / "run"), "resume": False})
+
+    def stop(step):
+        if step == 3:  # after the step-2 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop)
+    code, err = run_cli(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "resuming" in err and "at step 2 of 4" in err
+    a = json.loads((tmp_path / "run" / "summary.json").read_text())
+    b = json.loads((finished / "summary.json").read_text())
+    assert (a["test_acc"], a["test_loss"], a["steps"]) == (b["test_acc"], b["test_loss"], b["steps"])
+    code, err = run_cli(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.3"], capsys)
+    assert code == 2 and "configured differently (lr: checkpoint 0.1 vs now 0.3)" in err  # a flag given still counts
+
+
+# other commands: (id, argv (a function of tmp_path), message regex)
+OTHER_CASES = [
+    ("compare with no model name", lambda t: ["compare", "--models", ",", "--steps", "3", "--out", str(t / "cmp")],
+     r"--models names no model \(','\)"),
+    ("compare with an unknown second model",
+     lambda t: ["compare", "--models", "resnet8,resnet99", "--steps", "3", "--out", str(t / "cmp")],
+     r"unknown model 'resnet99'"),
+    ("compare with an option fixed by a name",
+     lambda t: ["compare", "--models", "resnet8,plain8", "-k", "plain=true", "--steps", "3", "--out", str(t / "cmp")],
+     r"resnet8 fixes plain in its name"),
+    ("compare with a negative learning rate",
+     lambda t: ["compare", "--models", "resnet8", "--lr", "-1", "--steps", "3", "--out", str(t / "cmp")],
+     r"lr must be a finite number >= 0, got -1"),
+    ("compare naming a model twice",
+     lambda t: ["compare", "--models", "resnet8,resnet8", "--steps", "3", "--out", str(t / "cmp")],
+     r"--models names a model twice"),
+    ("export at an opset torch cannot write",
+     lambda t: ["export", "--model", "resnet8", "--onnx", str(t / "cmp" / "m.onnx"), "--opset", "1"],
+     r"opset 1 is not one this torch can write \(7 to \d+\)"),
+    ("models of an unknown family", lambda t: ["models", "--family", "foo"], r"unknown family 'foo'; families: .*pnnh"),
+    ("models matching nothing", lambda t: ["models", "zzz*", "--family", "plain"],
+     r"no model matches 'zzz\*' in family 'plain'"),
+]
+
+
+@pytest.mark.parametrize("args,match", [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_bad_input_one_clear_error(args, match, tmp_path, capsys):
+    code, err = run_cli(args(tmp_path), capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert re.search(match, err), err
+    assert not (tmp_path / "cmp").exists()  # refused before anything was trained or written
+
+
+def test_bad_input_table_size():
+    assert len(CASES) + len(OTHER_CASES) >= 40
