@@ -13,8 +13,9 @@ from .version import __version__
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ModelNotFoundError, PnnhError
 from .models import create_model, list_models, model_info, register_model
 from .bench.fuse import deploy
+from .train.checkpoint import load_model
 
 __all__ = [
-    "create_model", "list_models", "model_info", "register_model", "deploy",
+    "create_model", "list_models", "model_info", "register_model", "deploy", "load_model",
     "PnnhError", "ConfigError", "ModelNotFoundError", "DataError", "CheckpointError", "DivergenceError",
 ]

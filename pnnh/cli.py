@@ -7,14 +7,16 @@ Every sub-command turns its flags into the same dataclass configs the Python API
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import ConfigError, PnnhError
+from .errors import ConfigError, PeerError, PnnhError
 from .utils import parse_kv
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -134,7 +136,7 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
     "schedule": "schedule", "weight_decay": "weight_decay", "label_smoothing": "label_smoothing",
     "warmup": "warmup", "train_subset": "train_subset", "test_subset": "test_subset", "threads": "threads",
     "device": "device", "amp": "amp", "checkpoint_every": "checkpoint_every", "eval_batch_size": "eval_batch_size",
-    "img_size": "img_size",
+    "img_size": "img_size", "precise_bn": "precise_bn",
 }
 
 
@@ -168,6 +170,8 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under DDP on CUDA: SyncBatchNorm over the global batch.")
 @click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps (default: each epoch).")
+@click.option("--precise-bn", type=int, metavar="N",
+              help="Re-estimate BatchNorm statistics on N training images at the end; 0: off [2048].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of TrainConfig fields.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (metrics, checkpoints, summary).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
@@ -211,12 +215,59 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
     distributed.init_from_env(cfg.device)
     is_main = distributed.rank() == 0  # read before shutdown, after which every process says rank 0
     try:
+        _user_error_of_earlier_attempt(cfg.out, is_main)
         summary = train(cfg)
+    except PnnhError as e:
+        if is_main:
+            _note_user_error(cfg.out, e)
+        raise
     finally:
         distributed.shutdown()
     if is_main:
         click.echo(f"{summary['model']}: test acc {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M params, "
                    f"{summary['train_img_per_s']:.0f} train img/s, {summary['wall_s']:.1f} s -> {cfg.out}/summary.json")
+
+
+_USER_ERROR = ".user-error.json"
+
+
+def _note_user_error(out: str, e: PnnhError) -> None:
+    """Under torchrun with --max-restarts, record a user error: the restarted workers repeat it at
+    once instead of running the same failing job again (torchrun restarts on any failure)."""
+    from pathlib import Path
+
+    from .train import distributed
+    from .train.checkpoint import atomic_write_text
+
+    run_id = distributed.elastic_run_id()
+    if not run_id or not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) or getattr(e, "quiet", False):
+        return
+    try:
+        atomic_write_text(Path(out) / _USER_ERROR, json.dumps({"run_id": run_id, "error": str(e), "exit_code": e.exit_code}))
+    except OSError:
+        pass
+
+
+def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
+    """In a worker torchrun restarted: raise the user error its job already hit (see _note_user_error)."""
+    from pathlib import Path
+
+    from .train import distributed
+
+    path = Path(out) / _USER_ERROR
+    if not distributed.elastic_restart():
+        if is_main:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        return
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(note, dict) and note.get("run_id") == distributed.elastic_run_id():
+        e = PnnhError(note.get("error", "")) if is_main else PeerError("")
+        e.exit_code = int(note.get("exit_code", 2))
+        raise e
 
 
 def _stored_config(out: str) -> dict[str, Any]:
@@ -329,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except PnnhError as e:
-        click.echo(f"error: {e}", err=True)
+        if not getattr(e, "quiet", False):
+            click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; continue a training run with --resume", err=True)

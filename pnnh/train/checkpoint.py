@@ -33,7 +33,7 @@ from ..errors import CheckpointError
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
-           "read_state", "FORMAT"]
+           "read_state", "load_model", "FORMAT"]
 
 FORMAT = "pnnh-checkpoint-v1"
 
@@ -239,6 +239,29 @@ def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
     meta, tensors = _read_checkpoint(path)
     _load_model_state(model, tensors, meta, path)
     return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a pnnh weights file or checkpoint holds, load its weights, in eval mode.
+
+    The architecture comes from the file's metadata (registered name and options, as
+    ``create_model`` stamped them). A run's ``model.safetensors`` also records what the model
+    expects and predicts; it lands in ``model.default_cfg``: ``classes`` (names, by output index),
+    ``mean``/``std`` (per-channel normalisation of [0, 1] pixels) and ``input_size`` (C, H, W).
+    """
+    from ..models import create_model
+
+    path = Path(path)
+    meta = read_metadata(path)
+    name, kwargs = meta.get("model"), meta.get("model_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path} does not record which model it holds (no model name and options)")
+    model = create_model(name, **kwargs)
+    load_weights(path, model)
+    cfg = dict(getattr(model, "default_cfg", None) or {})
+    cfg.update({k: meta[k] for k in ("classes", "mean", "std", "input_size", "data") if k in meta})
+    model.default_cfg = cfg
+    return model.to(device).eval()
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -17,6 +17,9 @@ from ..utils import load_yaml
 __all__ = ["TrainConfig", "load_config_file", "RESUME_KEYS"]
 
 
+PRECISE_BN_IMAGES = 2048
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. CLI flags and YAML files fill this in."""
@@ -45,6 +48,10 @@ class TrainConfig:
     warmup: float | None = None  # fraction of steps; None: 0.25 for onecycle, 0.05 for cosine, 0 for constant
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    # precise BN: at the end, re-estimate BatchNorm running statistics as the average over this many
+    # training images (un-augmented, in order) with the final weights; 0 turns it off. The running
+    # averages lag behind weights that still move fast, which short runs evaluate (docs/design.md).
+    precise_bn: int = PRECISE_BN_IMAGES
     # random crop with padding + horizontal flip, on tensors. None = auto: on for runs of at least
     # AUTO_AUGMENT_EPOCHS epochs. Short runs underfit, and augmentation (a regulariser) then costs
     # accuracy: resnet20, 1 epoch of Fashion-MNIST: 87.4% with, 89.7% without (docs/design.md).
@@ -112,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every must be >= 0")
+        if self.precise_bn < 0:
+            raise ConfigError(f"precise_bn is a number of training images (0: off), got {self.precise_bn}")
         return self
 
     def augment_for(self, epochs: float) -> bool:

@@ -29,14 +29,14 @@ import torch.nn.functional as F
 
 from .. import models
 from ..data import InMemoryLoader, load_dataset
-from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DivergenceError, PeerError, PnnhError
 from . import distributed as dist_utils
 from ..utils import remove_stale_temp_files
 from .checkpoint import atomic_write_text, load_checkpoint, read_state, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
 
-__all__ = ["train", "evaluate", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
+__all__ = ["train", "evaluate", "precise_bn", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
 
 CKPT_NAME = "checkpoint.safetensors"
 
@@ -170,6 +170,29 @@ def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
     return out
 
 
+def _on_main(fn: Callable[[], Any], is_main: bool) -> Any:
+    """Run ``fn`` on rank 0 (a no-op elsewhere) and stop every rank together if it fails.
+
+    Rank 0 alone prepares the run directory and writes checkpoints; a user error there would
+    otherwise leave the other ranks waiting in a collective until rank 0's exit breaks it (a
+    gloo traceback around the real error). Rank 0 raises its error, the others a quiet PeerError.
+    """
+    err = None
+    result = None
+    if is_main:
+        try:
+            result = fn()
+        except (PnnhError, OSError) as e:
+            err = e
+    if dist_utils.world_size() > 1:
+        failed = dist_utils.all_reduce_sum(torch.tensor([float(err is not None)], dtype=torch.float64)).item()
+        if failed and err is None:
+            raise PeerError("rank 0 stopped this run with an error")
+    if err is not None:
+        raise err
+    return result
+
+
 def _is_restart_of_this_job(cfg: TrainConfig) -> bool:
     """A worker that torchrun restarted resumes the checkpoint its own job wrote, without --resume."""
     run_id = dist_utils.elastic_run_id()
@@ -218,8 +241,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
     resume = cfg.resume or _is_restart_of_this_job(cfg)
-    out = _prepare_out(cfg, resume) if is_main else (Path(cfg.out) if cfg.out else None)
-    dist_utils.barrier()
+    out = _on_main(lambda: _prepare_out(cfg, resume), is_main)  # rank 0 prepares, every rank waits for it
+    if not is_main:
+        out = Path(cfg.out) if cfg.out else None
 
     # data: whole dataset in memory as uint8 tensors
     train_ds = load_dataset(cfg.data, "train", cfg.data_dir, img_size=cfg.img_size)
@@ -275,7 +299,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     def save(sums: torch.Tensor | None) -> None:
-        if not is_main or ckpt is None:
+        if ckpt is not None:  # a write failing on rank 0 (disk full) stops every rank with it
+            _on_main(lambda: write(sums), is_main)
+
+    def write(sums: torch.Tensor | None) -> None:
+        if not is_main:
             return
         save_checkpoint(ckpt, model, optimizer, {
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
@@ -359,6 +387,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                 t0, seg_images = time.perf_counter(), 0
         clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
         sums = dist_utils.all_reduce_sum(sums)
+        if step >= total_steps and cfg.precise_bn:
+            precise_bn(model, train_ds, cfg, device, amp_dtype)
         check_finite()
         if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
             dist_utils.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it saves
@@ -367,8 +397,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                "train_loss": sums[0].item() / max(sums[2].item(), 1), "train_acc": sums[1].item() / max(sums[2].item(), 1),
                "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
                "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
-        if is_main and out is not None:  # before the checkpoint: a resume drops lines past its step
-            _append_line(out / "metrics.jsonl", json.dumps(rec))
+        if out is not None:  # before the checkpoint: a resume drops lines past its step
+            _on_main(lambda: _append_line(out / "metrics.jsonl", json.dumps(rec)), is_main)
         save(None)
         if bar is not None:
             bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
@@ -386,16 +416,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
-        "augment": augment,
+        "augment": augment, "precise_bn": min(cfg.precise_bn, len(train_ds)),
         "world_size": world, "seed": cfg.seed, "curve": curve, "device": str(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(wall_before + time.time() - session_start, 2),
     }
-    if is_main and out is not None:
-        save_weights(out / "model.safetensors", model, {"test_acc": test["acc"], "steps": total_steps})
-        _write_summary(out, summary)
-        _unlock_run_dir(out)
-    dist_utils.barrier()
+    def finish() -> None:
+        if out is not None:
+            save_weights(out / "model.safetensors", model, {
+                "test_acc": test["acc"], "steps": total_steps, "data": cfg.data, "classes": train_ds.classes,
+                "mean": list(train_ds.mean), "std": list(train_ds.std), "input_size": list(train_ds.images.shape[1:])})
+            _write_summary(out, summary)
+            _unlock_run_dir(out)
+
+    _on_main(finish, is_main)  # every rank returns once rank 0 has written, or stops with it
     return summary
 
 
@@ -448,6 +482,39 @@ def _truncate_metrics(path: Path, step: int) -> None:
         print(f"warning: dropped {torn} incomplete line(s) from {path}", file=sys.stderr, flush=True)
     keep = [ln for ln, s in zip(lines, steps) if s is not None and s <= step]
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, ds, cfg: TrainConfig, device: torch.device, amp_dtype=None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance with the model's current weights:
+    the average of the batch statistics over the first ``cfg.precise_bn`` training images
+    (un-augmented, batches of ``cfg.batch_size``), as pycls / detectron2's precise BN. Returns the
+    number of images used. Weights and the training RNG stream are untouched.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    loader = InMemoryLoader(ds.subset(min(cfg.precise_bn, len(ds))), cfg.batch_size, train=False,
+                            channels_last=cfg.channels_last)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches that follow
+    was_training = model.training
+    model.train()
+    seen = 0
+    rng = torch.get_rng_state()  # dropout / drop-path draw in train mode: leave the stream as it was
+    try:
+        for x, _ in loader:
+            with _autocast(device, amp_dtype):
+                model(x.to(device, non_blocking=True))
+            seen += x.shape[0]
+    finally:
+        torch.set_rng_state(rng)
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return seen
 
 
 def _non_finite_entry(model: nn.Module) -> str | None:

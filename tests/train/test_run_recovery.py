@@ -132,3 +132,25 @@ def test_study_dir_cleanup_spares_live_writers(tmp_path):
         p.write_text("{")
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert live.exists() and orphan.exists()
+
+
+def test_torchrun_user_error_one_line_and_not_rerun(fmnist_small, tmp_path):
+    """A user error seen by rank 0 only (its run directory already holds a run): rank 1 stops with it
+    quietly (no gloo traceback around it), and the --max-restarts attempts repeat the error at once."""
+    out = tmp_path / "run"
+    train(_cfg(fmnist_small, out, steps=2, epochs=None))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PNNH_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
+            "2", "-m", "pnnh", "train", "--model", "resnet8", "-k", "width=0.25", "--data-dir", str(fmnist_small),
+            "--train-subset", "128", "--test-subset", "64", "--batch-size", "32", "--steps", "2", "--no-progress",
+            "--out", str(out)]
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert errors == [f"error: {out} already holds a run; pass --resume to continue it or choose another --out"] * 3, p.stderr
+    assert "gloo" not in p.stderr.lower() and "pnnh/train" not in p.stderr, p.stderr  # no worker traceback
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"  # the run is untouched
+    assert json.loads((out / ".user-error.json").read_text())["error"] == errors[0][len("error: "):]  # what restarts repeat
