@@ -78,7 +78,7 @@ class _ParamCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        from .train.checkpoint import atomic_write_text
+        from .utils import atomic_write_text
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def _note_user_error(out: str, e: PnnhError) -> None:
     from pathlib import Path
 
     from .train import distributed
-    from .train.checkpoint import atomic_write_text
+    from .utils import atomic_write_text
 
     run_id = distributed.elastic_run_id()
     if not run_id or not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) or getattr(e, "quiet", False):
