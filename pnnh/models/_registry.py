@@ -88,8 +88,17 @@ def register_resolver(fn: Callable[[str], bool]) -> Callable[[str], bool]:
     return fn
 
 
+_RESOLVED: dict[str, ModelInfo] = {}  # built by name on request; not listed by list_models
+
+
 def _resolve(name: str) -> bool:
-    return name in _MODELS or any(r(name) and name in _MODELS for r in _RESOLVERS)
+    if name in _MODELS or name in _RESOLVED:
+        return True
+    for r in _RESOLVERS:
+        if r(name) and name in _MODELS:
+            _RESOLVED[name] = _MODELS.pop(name)
+            return True
+    return False
 
 
 def is_model(name: str) -> bool:
@@ -119,7 +128,7 @@ def model_info(name: str) -> ModelInfo:
         raise ModelNotFoundError(
             f"unknown model {name!r}.{hint} Run `pnnh models` to list all {len(_MODELS)} registered models."
         )
-    return _MODELS[name]
+    return _MODELS.get(name) or _RESOLVED[name]
 
 
 def _options(kwargs: dict[str, Any]) -> str:

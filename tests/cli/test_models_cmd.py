@@ -41,6 +41,7 @@ def test_any_valid_cifar_depth_builds_by_name(name, blocks, bottleneck):
     assert info.layout == "cifar" and info.depth == int("".join(filter(str.isdigit, name)))
     m = pnnh.create_model(name, width=0.25)
     assert len(m.blocks()) == blocks and m.pnnh_name == name
+    assert name not in pnnh.list_models()  # built on request, not listed among the registered names
     if name.startswith("resnet") or name.startswith("plain"):
         assert (type(m.blocks()[0]).__name__ == "Bottleneck") == bottleneck
         assert (m.blocks()[0].shortcut is None) == name.startswith("plain")
