@@ -177,17 +177,19 @@ def read_state(path: str | Path) -> dict[str, Any]:
     """The run ``state`` of a resumable checkpoint (header only), checked to hold what a resume reads."""
     path = Path(path)
     meta = read_metadata(path)
-    _check_resumable_meta(meta, path)
+    _check_resumable_meta(meta, path, STATE_KEYS)
     return meta["state"]
 
 
-def _check_resumable_meta(meta: dict[str, Any], path: Path) -> None:
+def _check_resumable_meta(meta: dict[str, Any], path: Path, keys: tuple[str, ...] = ()) -> None:
     if meta.get("kind") != "checkpoint":
-        raise CheckpointError(f"{path} holds weights only ({meta.get('kind')!r}), not a resumable training checkpoint")
+        raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
     state = meta.get("state")
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is incomplete: it has no run state")
-    missing = [k for k in STATE_KEYS if k not in state]
+    if not keys:
+        return
+    missing = [k for k in keys if k not in state]
     if missing or not isinstance(state["config"], dict) or not isinstance(state["step"], int):
         raise CheckpointError(f"checkpoint {path} is incomplete: its run state lacks or mangles "
                               f"{', '.join(missing) or 'config/step'}")

@@ -153,7 +153,7 @@ CASES = [
     ("output dir is a file", lambda t, d: ["--out", str(_file(t))], r"Directory '.*a-file' is a file", 2),
     ("weights file where the checkpoint belongs",
      lambda t, d: _with_checkpoint(t, d, lambda r, c: shutil.copy(r / "model.safetensors", c)),
-     r"checkpoint.safetensors holds weights only \('weights'\), not a resumable training checkpoint", 2),
+     r"checkpoint.safetensors holds weights only, not a resumable training checkpoint", 2),
     ("checkpoint without run state", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_meta=("state",))),
      r"checkpoint .* is incomplete: it has no run state", 2),
     ("checkpoint without step", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_state=("step",))),
