@@ -1,10 +1,10 @@
 """Test accuracy with and without precise BN after a short run (docs/design.md, "Precise BN").
 
 Trains each model once with ``precise_bn=0``, then evaluates the final weights twice on the full
-Fashion-MNIST test set: with the running BatchNorm statistics training left, and after
+Fashion-MNIST test set (or its first ``--test-images``): with the running BatchNorm statistics training left, and after
 re-estimating them on the first N training images (:func:`pnnh.train.engine.precise_bn`).
 
-    python benchmarks/precise_bn.py --models pnnh20,resnet20 --steps 40 --seeds 0,1 --images 2048
+    python benchmarks/precise_bn.py --models pnnh20,resnet20 --steps 40 --seeds 0 --images 2048 --test-images 2000
 """
 
 import argparse
@@ -27,8 +27,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--test-images", type=int, default=None, help="Evaluate on the first N test images [all].")
     args = ap.parse_args()
     test = load_dataset("fashion-mnist", "test")
+    if args.test_images:
+        test = test.subset(args.test_images)
     train_ds = load_dataset("fashion-mnist", "train")
     loader = InMemoryLoader(test, 1000, train=False)
     rows = []
