@@ -46,7 +46,6 @@ class _ParamCache:
 
     def __init__(self) -> None:
         import hashlib
-        import os
         from pathlib import Path
 
         import torch

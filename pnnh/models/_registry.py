@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError, ModelNotFoundError, PnnhError
 
-__all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
+__all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info",
+           "ModelInfo", "is_model"]
 
 
 @dataclass(frozen=True)

@@ -416,11 +416,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
-        "augment": augment, "precise_bn": min(cfg.precise_bn, len(train_ds)),
+        "augment": augment, "precise_bn": min(cfg.precise_bn, len(train_ds)) if _batch_norms(model) else 0,
         "world_size": world, "seed": cfg.seed, "curve": curve, "device": str(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(wall_before + time.time() - session_start, 2),
     }
+
     def finish() -> None:
         if out is not None:
             save_weights(out / "model.safetensors", model, {
@@ -484,6 +485,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def precise_bn(model: nn.Module, ds, cfg: TrainConfig, device: torch.device, amp_dtype=None) -> int:
     """Re-estimate every BatchNorm's running mean and variance with the model's current weights:
@@ -491,7 +496,7 @@ def precise_bn(model: nn.Module, ds, cfg: TrainConfig, device: torch.device, amp
     (un-augmented, batches of ``cfg.batch_size``), as pycls / detectron2's precise BN. Returns the
     number of images used. Weights and the training RNG stream are untouched.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _batch_norms(model)
     if not bns:
         return 0
     loader = InMemoryLoader(ds.subset(min(cfg.precise_bn, len(ds))), cfg.batch_size, train=False,
