@@ -392,3 +392,15 @@ def test_other_commands_bad_input_one_clear_error(args, match, tmp_path, capsys)
 
 def test_bad_input_table_size():
     assert len(CASES) + len(OTHER_CASES) >= 40
+
+
+def test_img_size_loads_an_imagefolder_of_mixed_sizes(data, tmp_path, capsys):
+    """The option the mixed-size error names exists and works: images are resized at load time."""
+    code, err = run_cli(["train", "--no-progress", "--data", "imagefolder", "--data-dir", str(data["mixed"]),
+                         "--img-size", "24", "--model", "resnet8", "-k", "width=0.25", "--batch-size", "2",
+                         "--steps", "1", "--threads", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
+    from pnnh.train.checkpoint import read_metadata
+
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["input_size"] == [1, 24, 24]
