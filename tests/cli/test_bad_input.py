@@ -404,3 +404,10 @@ def test_img_size_loads_an_imagefolder_of_mixed_sizes(data, tmp_path, capsys):
     from pnnh.train.checkpoint import read_metadata
 
     assert read_metadata(tmp_path / "run" / "model.safetensors")["input_size"] == [1, 24, 24]
+
+
+def test_model_option_in_exponent_form_is_a_number():
+    from pnnh.utils import parse_kv
+
+    assert parse_kv(["width=1e-9", "init=dirac", "drop_rate=.5", "tag=1e-9x"], "-k") == \
+        {"width": 1e-9, "init": "dirac", "drop_rate": 0.5, "tag": "1e-9x"}  # YAML 1.1 alone reads 1e-9 as text
