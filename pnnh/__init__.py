@@ -14,9 +14,10 @@ from .errors import CheckpointError, ConfigError, DataError, DivergenceError, Mo
 from .models import create_model, list_models, model_info, register_model
 from .bench.fuse import deploy
 from .models.convert import convert
+from .train.checkpoint import load_model
 from . import layers
 
 __all__ = [
-    "create_model", "list_models", "model_info", "register_model", "deploy", "convert", "layers",
+    "create_model", "list_models", "model_info", "register_model", "deploy", "convert", "load_model", "layers",
     "PnnhError", "ConfigError", "ModelNotFoundError", "DataError", "CheckpointError", "DivergenceError",
 ]

@@ -35,3 +35,9 @@ class DivergenceError(PnnhError):
     """The training loss became NaN or infinite."""
 
     exit_code = 3
+
+
+class PeerError(PnnhError):
+    """Another process of a distributed run stopped with an error; that process prints it."""
+
+    quiet = True  # the CLI prints nothing for it: the failing process already said what is wrong

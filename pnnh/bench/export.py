@@ -12,6 +12,7 @@ export fails with an install hint unless ``check=False``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -62,6 +63,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
     """
     if check and not onnxruntime_available():
         raise ExportError(f"the onnxruntime parity check needs onnxruntime: {INSTALL_HINT}, or pass check=False")
+    lo, hi = opset_range()
+    if not lo <= opset <= hi:
+        raise ExportError(f"opset {opset} is not one this torch can write ({lo} to {hi}); the default is 17")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -93,7 +97,59 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
     return out
 
 
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's exporter can write (inclusive)."""
+    try:
+        from torch.onnx import _constants
+
+        return _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):
+        return 7, 23
+
+
+def _failed(e: Exception) -> ExportError:
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+    first = first if len(first) <= 200 else first[:200] + "..."
+    return ExportError(f"ONNX export failed: {type(e).__name__}: {first}")
+
+
+@contextlib.contextmanager
+def _output_kept_on_success():
+    """Hold what the exporter writes to file descriptors 1 and 2 (its C++ side dumps a whole graph
+    when an op has no ONNX form): replayed after a success, dropped after a failure, whose error
+    says why in one line."""
+    import os
+    import sys
+    import tempfile
+
+    streams = ((1, sys.stdout), (2, sys.stderr))
+    held = [tempfile.TemporaryFile() for _ in streams]
+    saved = []
+    for (fd, stream), tmp in zip(streams, held):
+        stream.flush()
+        saved.append(os.dup(fd))
+        os.dup2(tmp.fileno(), fd)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        for (fd, stream), tmp, old in zip(streams, held, saved):
+            stream.flush()
+            os.dup2(old, fd)
+            os.close(old)
+            if ok:
+                tmp.seek(0)
+                stream.write(tmp.read().decode(errors="replace"))
+            tmp.close()
+
+
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    with _output_kept_on_success():
+        _export_quiet(model, example, path, opset)
+
+
+def _export_quiet(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation and constant-folding chatter of the exporters
@@ -106,12 +162,12 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> 
         except TypeError:  # a torch without the dynamo= switch
             pass
         except Exception as e:
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise _failed(e) from None
         try:
             torch.onnx.export(model, (example,), str(path), dynamo=True,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
         except Exception as e:
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise _failed(e) from None
 
 
 def run_onnx(path: str | Path, x) -> Any:

@@ -568,6 +568,9 @@ def _open_image(path: pathlib.Path) -> Any:
 
     try:
         return Image.open(path)
+    except Image.DecompressionBombError as e:  # a header claiming more pixels than Pillow decodes safely
+        raise DataError(f"image {path} is too large to decode ({str(e).split(' could be')[0]}); "
+                        "remove or shrink the file") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({e}); remove or replace the file") from None
 

@@ -184,7 +184,8 @@ class InMemoryLoader:
             raise ConfigError(
                 f"{ds.name} ({ds.split}) has {n} samples, fewer than one global batch "
                 f"(batch_size {batch_size} × world_size {world_size}); with drop_last the epoch "
-                f"would be empty -- lower the batch size or set drop_last=False"
+                f"would be empty -- lower the batch size (--batch-size), or from Python build the loader "
+                f"with drop_last=False"
             )
         pad = default_pad(min(ds.img_hw)) if pad is None else int(pad)
         if pad < 0:

@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, PnnhError
 
-__all__ = ["register_model", "register_builder", "create_model", "list_models", "model_info", "ModelInfo", "is_model"]
+__all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info",
+           "ModelInfo", "is_model"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,21 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | 
 
 
 def register_builder(namespace: dict, name: str, builder: Callable[..., nn.Module], doc: str, *,
-                     family: str, depth: int | None, layout: str | None) -> None:
+                     family: str, depth: int | None, layout: str | None, fixed: tuple[str, ...] = ()) -> None:
     """Register ``builder`` as the entry point ``name`` (documented by ``doc``) and bind it in
-    ``namespace`` (a module's ``globals()``): how a family registers its depths in a loop."""
+    ``namespace`` (a module's ``globals()``): how a family registers its depths in a loop.
+
+    ``fixed`` names the builder arguments the name itself defines (``plain``, ``bottleneck`` ...);
+    they, the depth (``d``, ``depth``) and the ``layers``/``layout`` are refused as options, so a
+    model recorded as ``name`` is always the network that name says.
+    """
+    refused = {"d", "depth", "layers", "layout", *fixed}
 
     def fn(**kwargs):
+        given = sorted(refused & set(kwargs))
+        if given:
+            raise ConfigError(f"{name} fixes {', '.join(given)} in its name; pick the registered model that has "
+                              f"the architecture you want (`pnnh models`)")
         return builder(**kwargs)
 
     fn.__name__ = fn.__qualname__ = name
@@ -68,8 +79,31 @@ def register_builder(namespace: dict, name: str, builder: Callable[..., nn.Modul
     namespace[name] = register_model(fn, family=family, depth=depth, layout=layout)
 
 
+_RESOLVERS: list[Callable[[str], bool]] = []
+
+
+def register_resolver(fn: Callable[[str], bool]) -> Callable[[str], bool]:
+    """Add ``fn(name) -> bool``: called for a name not registered, it registers that name (e.g. any
+    valid depth of a family, ``resnet14``) and returns True, or returns False."""
+    _RESOLVERS.append(fn)
+    return fn
+
+
+_RESOLVED: dict[str, ModelInfo] = {}  # built by name on request; not listed by list_models
+
+
+def _resolve(name: str) -> bool:
+    if name in _MODELS or name in _RESOLVED:
+        return True
+    for r in _RESOLVERS:
+        if r(name) and name in _MODELS:
+            _RESOLVED[name] = _MODELS.pop(name)
+            return True
+    return False
+
+
 def is_model(name: str) -> bool:
-    return name in _MODELS
+    return _resolve(name)
 
 
 def list_models(pattern: str | None = None, family: str | None = None) -> list[str]:
@@ -89,13 +123,18 @@ def list_models(pattern: str | None = None, family: str | None = None) -> list[s
 
 
 def model_info(name: str) -> ModelInfo:
-    if name not in _MODELS:
+    if not _resolve(name):
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ModelNotFoundError(
             f"unknown model {name!r}.{hint} Run `pnnh models` to list all {len(_MODELS)} registered models."
         )
-    return _MODELS[name]
+    return _MODELS.get(name) or _RESOLVED[name]
+
+
+def _options(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
@@ -111,11 +150,27 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: 
     info = model_info(name)
     try:
         model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except PnnhError:  # already says what is wrong
+        raise
     except TypeError as e:  # unknown kwarg -> a clear config error, not a traceback
         msg = str(e)
         if "unexpected keyword argument" in msg or "got an unexpected" in msg:
             raise ConfigError(f"model {name!r} does not take that option: {msg}") from None
-        raise
+        if "multiple values for" in msg:
+            raise ConfigError(f"model {name!r} fixes that option in its name: {msg}") from None
+        if not kwargs:
+            raise
+        raise ConfigError(f"model {name!r} cannot be built with {_options(kwargs)}: {msg}") from None
+    except ValueError as e:  # e.g. a torch layer refusing a value no family check caught
+        if not kwargs:
+            raise
+        raise ConfigError(f"model {name!r} cannot be built with {_options(kwargs)}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # the allocator refusing a model too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model {name!r} with {_options(kwargs) or 'its defaults'} does not fit in memory: "
+                          f"{first}") from None
     model.pnnh_name = name
     model.pnnh_kwargs = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model

@@ -356,7 +356,7 @@ def _wrn_layers(depth: int) -> tuple[int, int, int]:
 
 def _register() -> None:
     def add(name, family, depth, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout="cifar")
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout="cifar", fixed=("block",))
 
     def basic(depth, **preset):
         def build(**kwargs):

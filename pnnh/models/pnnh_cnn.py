@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_builder
+from ._registry import register_builder, register_resolver
 from .layers import DiracWeight, PooledClassifierHead, cnn_layout, init_dirac_param_, mirror
 
 __all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "PNNHSequential", "pnnh_stage", "PicksKernels", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS",
@@ -583,7 +583,7 @@ def _looks_linear(builder):
 
 def _register_family() -> None:
     def add(name, family, depth, layout, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
+        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout, fixed=("bottleneck",))
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),
@@ -604,6 +604,26 @@ def _register_family() -> None:
 
 
 _register_family()
+
+
+@register_resolver
+def _any_cifar_depth(name: str) -> bool:
+    """``pnnh14``, ``llplain26`` ...: every valid CIFAR depth resolves by name."""
+    import re
+
+    from .resnet import cifar_depth_is_bottleneck
+
+    m = re.fullmatch(r"(pnnh|llplain)(\d+)", name)
+    bottleneck = cifar_depth_is_bottleneck(int(m[2])) if m else None
+    if bottleneck is None:
+        return False
+    d = int(m[2])
+    builder = lambda **k: cifar_pnnh(d, bottleneck=bottleneck, **k)  # noqa: E731
+    family = "pnnh" if m[1] == "pnnh" else "looks_linear"
+    register_builder(globals(), name, builder if family == "pnnh" else _looks_linear(builder),
+                     f"{m[1]} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.",
+                     family=family, depth=d, layout="cifar", fixed=("bottleneck",))
+    return True
 
 
 from . import kernels  # noqa: E402  (the CPU training kernels subclass the layer above)

@@ -17,13 +17,14 @@ Every model has the uniform interface ``forward_features`` / ``forward_head`` /
 
 from __future__ import annotations
 
+import re
 from typing import Type
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ._registry import register_builder
+from ._registry import register_builder, register_resolver
 from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, cnn_layout, conv1x1, conv3x3, init_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "make_shortcut"]
@@ -254,6 +255,16 @@ def _cifar_layers(depth: int, bottleneck: bool) -> tuple[int, int, int]:
     return (n, n, n)
 
 
+def cifar_depth_is_bottleneck(depth: int) -> bool | None:
+    """For a depth not registered by name: basic blocks when it is 6n+2, else bottleneck blocks when
+    it is 9n+2, None when it is neither (He et al. register 164 and 1001 as bottleneck)."""
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return False
+    if depth >= 11 and (depth - 2) % 9 == 0:
+        return True
+    return None
+
+
 _IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
                     101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 
@@ -273,9 +284,21 @@ def imagenet_resnet(depth: int, *, plain: bool = False, **kwargs) -> ResNet:
     return ResNet(layers, block, layout="imagenet", **kwargs)
 
 
+def _keeps_shortcut(builder):
+    def build(**kwargs):
+        if "shortcut" in kwargs and kwargs["shortcut"] is None:
+            raise ConfigError("shortcut=None removes the residual connection: use the plain twin (plainN) instead")
+        return builder(**kwargs)
+
+    return build
+
+
 def _register_family() -> None:
     def add(name, family, depth, layout, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout)
+        # the name says residual or plain: a plain twin takes no shortcut option, a residual net no shortcut=None
+        fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
+        register_builder(globals(), name, _keeps_shortcut(builder) if family != "plain" else builder, doc,
+                         family=family, depth=depth, layout=layout, fixed=fixed)
 
     for d in (8, 20, 32, 44, 56, 110, 1202):
         add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),
@@ -300,3 +323,20 @@ def _register_family() -> None:
 
 
 _register_family()
+
+
+@register_resolver
+def _any_cifar_depth(name: str) -> bool:
+    """``resnet14``, ``plain26``, ``preact_resnet38`` ...: every valid CIFAR depth resolves by name."""
+    m = re.fullmatch(r"(resnet|plain|preact_resnet)(\d+)", name)
+    bottleneck = cifar_depth_is_bottleneck(int(m[2])) if m else None
+    if bottleneck is None:
+        return False
+    family, d = m[1], int(m[2])
+    opts = dict(plain=family == "plain", preact=family == "preact_resnet", bottleneck=bottleneck)
+    fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
+    builder = lambda **k: cifar_resnet(d, **opts, **k)  # noqa: E731
+    register_builder(globals(), name, builder if family == "plain" else _keeps_shortcut(builder),
+                     f"{family} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.",
+                     family=family, depth=d, layout="cifar", fixed=fixed)
+    return True

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CheckpointError, ConfigError, DivergenceError
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, remove_stale_temp_files
 
 __all__ = ["Family", "Preset", "FAMILIES", "PRESETS", "StudyRun", "Study", "plan_study", "run_study",
            "collect_results", "write_results", "DIAGNOSTICS_HOOK"]
@@ -388,6 +388,7 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
     out = study.out
     check_study_dir(study)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # results.json etc. of a study killed mid-write
     _write_json(out / "study.json", study.describe())
     n = len(study.runs)
     log(f"study {study.preset!r}: {n} runs ({', '.join(study.families)} x depths "

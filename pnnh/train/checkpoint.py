@@ -34,7 +34,7 @@ from ..models.pnnh_cnn import upgrade_state_dict
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
-           "FORMAT"]
+           "read_state", "load_model", "FORMAT"]
 
 FORMAT = "pnnh-checkpoint-v1"
 
@@ -171,6 +171,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _decode_metadata(path, header)
 
 
+STATE_KEYS = ("config", "step", "curve", "train_seconds", "train_images", "wall_seconds")
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The run ``state`` of a resumable checkpoint (header only), checked to hold what a resume reads."""
+    path = Path(path)
+    meta = read_metadata(path)
+    _check_resumable_meta(meta, path, STATE_KEYS)
+    return meta["state"]
+
+
+def _check_resumable_meta(meta: dict[str, Any], path: Path, keys: tuple[str, ...] = ()) -> None:
+    if meta.get("kind") != "checkpoint":
+        raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
+    state = meta.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no run state")
+    if not keys:
+        return
+    missing = [k for k in keys if k not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["step"], int):
+        raise CheckpointError(f"checkpoint {path} is incomplete: its run state lacks or mangles "
+                              f"{', '.join(missing) or 'config/step'}")
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of one and the same file version."""
     header, data = _read(path, header_only=False)
@@ -219,13 +244,39 @@ def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
     return meta
 
 
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a pnnh weights file or checkpoint holds, load its weights, in eval mode.
+
+    The architecture comes from the file's metadata (registered name and options, as
+    ``create_model`` stamped them). A run's ``model.safetensors`` also records what the model
+    expects and predicts; it lands in ``model.default_cfg``: ``classes`` (names, by output index),
+    ``mean``/``std`` (per-channel normalisation of [0, 1] pixels) and ``input_size`` (C, H, W).
+    """
+    from ..models import create_model
+
+    path = Path(path)
+    meta = read_metadata(path)
+    name, kwargs = meta.get("model"), meta.get("model_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path} does not record which model it holds (no model name and options)")
+    model = create_model(name, **kwargs)
+    load_weights(path, model)
+    cfg = dict(getattr(model, "default_cfg", None) or {})
+    cfg.update({k: meta[k] for k in ("classes", "mean", "std", "input_size", "data") if k in meta})
+    model.default_cfg = cfg
+    return model.to(device).eval()
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restore model, optimizer and RNG from a checkpoint; return its run ``state``."""
     path = Path(path)
     meta, tensors = _read_checkpoint(path)
-    if meta.get("kind") != "checkpoint":
-        raise CheckpointError(f"{path} holds weights only, not a resumable training checkpoint")
+    _check_resumable_meta(meta, path)
+    missing = [k for k in ("rng.torch",) if k not in tensors]
+    missing += [k for k in ("optim_param_groups",) if optimizer is not None and k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {' or '.join(missing)}")
     _load_model_state(model, tensors, meta, path)
     if optimizer is not None:
         groups = meta["optim_param_groups"]
@@ -238,7 +289,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             state.setdefault(int(idx), {}).update(sc)
         try:
             optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"optimizer state in {path} does not fit this run: {e}") from None
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])

@@ -12,8 +12,12 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..utils import load_yaml
 
 __all__ = ["TrainConfig", "load_config_file", "RESUME_KEYS"]
+
+
+PRECISE_BN_IMAGES = 2048
 
 
 @dataclass
@@ -27,6 +31,7 @@ class TrainConfig:
     data_dir: str | None = None
     train_subset: int | None = None  # use the first N training images (quick runs, tests)
     test_subset: int | None = None
+    img_size: int | None = None  # resize images to img_size x img_size at load time (ImageFolder of mixed sizes)
     # how long: exactly one of epochs / steps
     epochs: int | None = None
     steps: int | None = None
@@ -43,6 +48,10 @@ class TrainConfig:
     warmup: float | None = None  # fraction of steps; None: 0.25 for onecycle, 0.05 for cosine, 0 for constant
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    # precise BN: at the end, re-estimate BatchNorm running statistics as the average over this many
+    # training images (un-augmented, in order) with the final weights; 0 turns it off. The running
+    # averages lag behind weights that still move fast, which short runs evaluate (docs/design.md).
+    precise_bn: int = PRECISE_BN_IMAGES
     # random crop with padding + horizontal flip, on tensors. None = auto: on for runs of at least
     # AUTO_AUGMENT_EPOCHS epochs. Short runs underfit, and augmentation (a regulariser) then costs
     # accuracy: resnet20, 1 epoch of Fashion-MNIST: 87.4% with, 89.7% without (docs/design.md).
@@ -68,10 +77,17 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        bad_keys = [k for k in self.model_kwargs if not isinstance(k, str) or not k.isidentifier()]
+        if bad_keys:
+            raise ConfigError(f"model_kwargs: option names are identifiers, got {_short(bad_keys[0])}")
+        from_data = sorted({"num_classes", "in_chans"} & set(self.model_kwargs))
+        if from_data:
+            raise ConfigError(f"model_kwargs: {' and '.join(from_data)} come from the dataset; drop "
+                              f"{'them' if len(from_data) > 1 else 'it'} (to use fewer classes, choose another dataset)")
         if (self.epochs is None) == (self.steps is None):
             raise ConfigError("give exactly one of epochs or steps")
         for name in ("epochs", "steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "train_subset",
-                     "test_subset", "threads"):
+                     "test_subset", "threads", "img_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v}")
@@ -81,6 +97,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
         if self.lr == 0:
             raise ConfigError("lr must be > 0")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be < 1, got {self.momentum}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip is a maximum gradient norm: a finite number > 0 (or unset), got {self.grad_clip}")
+        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {_short(list(self.betas))}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -95,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every must be >= 0")
+        if self.precise_bn < 0:
+            raise ConfigError(f"precise_bn is a number of training images (0: off), got {self.precise_bn}")
         return self
 
     def augment_for(self, epochs: float) -> bool:
@@ -133,9 +159,19 @@ class TrainConfig:
 AUTO_AUGMENT_EPOCHS = 10
 
 # Fields that must agree between a checkpoint and the config resuming it.
-RESUME_KEYS = ("model", "model_kwargs", "data", "train_subset", "epochs", "steps", "batch_size", "optimizer",
+RESUME_KEYS = ("model", "model_kwargs", "data", "img_size", "train_subset", "epochs", "steps", "batch_size", "optimizer",
                "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "label_smoothing", "augment",
                "seed", "grad_clip")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages stay one readable line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + f"... ({len(r)} characters)"
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -154,16 +190,22 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         return
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{name} must be of type {getattr(expected, '__name__', expected)}, "
-                          f"got {type(value).__name__} {value!r}")
+                          f"got {type(value).__name__} {_short(value)}")
 
 
+MAX_CONFIG_BYTES = 1_000_000
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) mapping of TrainConfig fields."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is {len(raw):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+        data = load_yaml(raw.decode("utf-8"), f"config file {p}")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:  # one line: the problem and where, not YAML's multi-line excerpt
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -172,4 +214,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option: value, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {p}: option names must be text, got {_short(bad[0])}")
     return {k.replace("-", "_"): v for k, v in data.items()}

@@ -29,13 +29,14 @@ import torch.nn.functional as F
 
 from .. import models
 from ..data import InMemoryLoader, load_dataset
-from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DivergenceError, PeerError, PnnhError
 from . import distributed as dist_utils
-from .checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint, save_weights
+from ..utils import remove_stale_temp_files
+from .checkpoint import atomic_write_text, load_checkpoint, read_state, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
 
-__all__ = ["train", "evaluate", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
+__all__ = ["train", "evaluate", "precise_bn", "build_optimizer", "lr_at", "param_groups", "CKPT_NAME"]
 
 CKPT_NAME = "checkpoint.safetensors"
 
@@ -132,10 +133,15 @@ def _lock_run_dir(out: Path) -> None:
         f.close()
         raise ConfigError(f"{out} is in use by another running pnnh process (pid {holder}); "
                           "wait for it to finish or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # disk full: name the file, release the lock
+        with contextlib.suppress(OSError):
+            f.close()
+        raise OSError(e.errno, e.strerror, str(out / ".lock")) from None
     _RUN_LOCKS[key] = f
 
 
@@ -160,9 +166,31 @@ def _prepare_out(cfg: TrainConfig, resume: bool) -> Path | None:
     if (out / CKPT_NAME).exists() and not resume:
         _unlock_run_dir(out)
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    for stale in out.glob(".*.tmp*"):  # temp files of a writer killed mid-write (see checkpoint.py)
-        stale.unlink(missing_ok=True)
+    remove_stale_temp_files(out, owned=True)  # of a writer killed mid-write; the lock makes them ours
     return out
+
+
+def _on_main(fn: Callable[[], Any], is_main: bool) -> Any:
+    """Run ``fn`` on rank 0 (a no-op elsewhere) and stop every rank together if it fails.
+
+    Rank 0 alone prepares the run directory and writes checkpoints; a user error there would
+    otherwise leave the other ranks waiting in a collective until rank 0's exit breaks it (a
+    gloo traceback around the real error). Rank 0 raises its error, the others a quiet PeerError.
+    """
+    err = None
+    result = None
+    if is_main:
+        try:
+            result = fn()
+        except (PnnhError, OSError) as e:
+            err = e
+    if dist_utils.world_size() > 1:
+        failed = dist_utils.all_reduce_sum(torch.tensor([float(err is not None)], dtype=torch.float64)).item()
+        if failed and err is None:
+            raise PeerError("rank 0 stopped this run with an error")
+    if err is not None:
+        raise err
+    return result
 
 
 def _is_restart_of_this_job(cfg: TrainConfig) -> bool:
@@ -171,7 +199,7 @@ def _is_restart_of_this_job(cfg: TrainConfig) -> bool:
     ckpt = Path(cfg.out) / CKPT_NAME if cfg.out else None
     if not (dist_utils.elastic_restart() and run_id and ckpt and ckpt.exists()):
         return False
-    return read_metadata(ckpt)["state"].get("elastic_run_id") == run_id
+    return read_state(ckpt).get("elastic_run_id") == run_id
 
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -213,12 +241,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
     resume = cfg.resume or _is_restart_of_this_job(cfg)
-    out = _prepare_out(cfg, resume) if is_main else (Path(cfg.out) if cfg.out else None)
-    dist_utils.barrier()
+    out = _on_main(lambda: _prepare_out(cfg, resume), is_main)  # rank 0 prepares, every rank waits for it
+    if not is_main:
+        out = Path(cfg.out) if cfg.out else None
 
     # data: whole dataset in memory as uint8 tensors
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, img_size=cfg.img_size)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, img_size=cfg.img_size)
     if cfg.train_subset:
         train_ds = train_ds.subset(cfg.train_subset)
     if cfg.test_subset:
@@ -251,7 +280,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
     ckpt = out / CKPT_NAME if out else None
     if resume and ckpt is not None and ckpt.exists():
-        saved = read_metadata(ckpt)["state"]
+        saved = read_state(ckpt)
         _check_resumable(saved["config"], cfg, ckpt)  # names what differs, before loading anything
         if saved.get("world_size", 1) != world:  # the global batch and each rank's data order depend on it
             raise ConfigError(f"cannot resume from {ckpt}: it was trained by {saved.get('world_size', 1)} "
@@ -270,7 +299,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     def save(sums: torch.Tensor | None) -> None:
-        if not is_main or ckpt is None:
+        if ckpt is not None:  # a write failing on rank 0 (disk full) stops every rank with it
+            _on_main(lambda: write(sums), is_main)
+
+    def write(sums: torch.Tensor | None) -> None:
+        if not is_main:
             return
         save_checkpoint(ckpt, model, optimizer, {
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
@@ -280,6 +313,23 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
+
+    def diverged(what: str) -> None:
+        if bar is not None:
+            bar.close()
+        msg = f"training diverged: {what}; last finite loss {last_finite:.4g}. "
+        msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
+        if is_main and out is not None:
+            _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
+        raise DivergenceError(msg)
+
+    def check_finite() -> None:
+        """Before a checkpoint or an epoch's end: a model holding inf/NaN is never saved or reported."""
+        bad = _non_finite_entry(model)
+        if dist_utils.all_reduce_sum(torch.tensor([float(bad is not None)], dtype=torch.float64)).item():
+            diverged(f"the weights or BatchNorm statistics became non-finite ({bad or 'on another rank'}) "
+                     f"by step {step} (lr {lr_at(max(step - 1, 0), total_steps, cfg):.4g})")
+
     model.train()
     for epoch in range(step // steps_per_epoch if step < total_steps else num_epochs, num_epochs):
         train_loader.set_epoch(epoch)
@@ -303,14 +353,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             else:
                 mean_loss = loss_val
             if not math.isfinite(mean_loss):
-                if bar is not None:
-                    bar.close()
-                msg = (f"training diverged: loss became {mean_loss} at step {step} (epoch {epoch}, lr {lr:.4g}); "
-                       f"last finite loss {last_finite:.4g}. ")
-                msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
-                if is_main and out is not None:
-                    _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
-                raise DivergenceError(msg)
+                diverged(f"loss became {mean_loss} at step {step} (epoch {epoch}, lr {lr:.4g})")
             last_finite = mean_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -339,10 +382,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                 sums = dist_utils.all_reduce_sum(sums)
                 if not is_main:
                     sums.zero_()
+                check_finite()
                 save(sums)
                 t0, seg_images = time.perf_counter(), 0
         clock = _Clock(clock.seconds + time.perf_counter() - t0, clock.images + seg_images)
         sums = dist_utils.all_reduce_sum(sums)
+        if step >= total_steps and cfg.precise_bn:
+            precise_bn(model, train_ds, cfg, device, amp_dtype)
+        check_finite()
         if (epoch + 1) % cfg.eval_every == 0 or step >= total_steps:
             dist_utils.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it saves
             test = evaluate(model, test_loader, device, amp_dtype)
@@ -350,9 +397,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                "train_loss": sums[0].item() / max(sums[2].item(), 1), "train_acc": sums[1].item() / max(sums[2].item(), 1),
                "test_loss": test["loss"] if test else None, "test_acc": test["acc"] if test else None,
                "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds}
-        if is_main and out is not None:  # before the checkpoint: a resume drops lines past its step
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if out is not None:  # before the checkpoint: a resume drops lines past its step
+            _on_main(lambda: _append_line(out / "metrics.jsonl", json.dumps(rec)), is_main)
         save(None)
         if bar is not None:
             bar.write(f"epoch {epoch + 1}/{num_epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f}"
@@ -370,16 +416,21 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
-        "augment": augment,
+        "augment": augment, "precise_bn": min(cfg.precise_bn, len(train_ds)) if _batch_norms(model) else 0,
         "world_size": world, "seed": cfg.seed, "curve": curve, "device": str(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "wall_s": round(wall_before + time.time() - session_start, 2),
     }
-    if is_main and out is not None:
-        save_weights(out / "model.safetensors", model, {"test_acc": test["acc"], "steps": total_steps})
-        _write_summary(out, summary)
-        _unlock_run_dir(out)
-    dist_utils.barrier()
+
+    def finish() -> None:
+        if out is not None:
+            save_weights(out / "model.safetensors", model, {
+                "test_acc": test["acc"], "steps": total_steps, "data": cfg.data, "classes": train_ds.classes,
+                "mean": list(train_ds.mean), "std": list(train_ds.std), "input_size": list(train_ds.images.shape[1:])})
+            _write_summary(out, summary)
+            _unlock_run_dir(out)
+
+    _on_main(finish, is_main)  # every rank returns once rank 0 has written, or stops with it
     return summary
 
 
@@ -387,11 +438,96 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path``; a failed write (disk full) is cut back off, leaving no torn line."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    size = os.fstat(fd).st_size
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _metric_step(line: str) -> int | None:
+    """The ``step`` of one metrics.jsonl line, or None for a line that is not a whole record."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to the checkpoint's ``step``; drop later ones and torn ones.
+
+    A torn line is what a write cut short leaves (a full disk, a kill mid-write): it is dropped
+    with a warning, so the resumed run rewrites that epoch's record.
+    """
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    steps = [_metric_step(ln) for ln in lines]
+    torn = sum(s is None for s in steps)
+    if torn:
+        print(f"warning: dropped {torn} incomplete line(s) from {path}", file=sys.stderr, flush=True)
+    keep = [ln for ln, s in zip(lines, steps) if s is not None and s <= step]
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, ds, cfg: TrainConfig, device: torch.device, amp_dtype=None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance with the model's current weights:
+    the average of the batch statistics over the first ``cfg.precise_bn`` training images
+    (un-augmented, batches of ``cfg.batch_size``), as pycls / detectron2's precise BN. Returns the
+    number of images used. Weights and the training RNG stream are untouched.
+    """
+    bns = _batch_norms(model)
+    if not bns:
+        return 0
+    loader = InMemoryLoader(ds.subset(min(cfg.precise_bn, len(ds))), cfg.batch_size, train=False,
+                            channels_last=cfg.channels_last)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches that follow
+    was_training = model.training
+    model.train()
+    seen = 0
+    rng = torch.get_rng_state()  # dropout / drop-path draw in train mode: leave the stream as it was
+    try:
+        for x, _ in loader:
+            with _autocast(device, amp_dtype):
+                model(x.to(device, non_blocking=True))
+            seen += x.shape[0]
+    finally:
+        torch.set_rng_state(rng)
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return seen
+
+
+def _non_finite_entry(model: nn.Module) -> str | None:
+    """The name of the first weight or buffer holding an inf or NaN, or None when all are finite."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _check_input_size(model: nn.Module, ds) -> None:

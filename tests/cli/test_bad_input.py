@@ -64,6 +64,14 @@ def data(fmnist_small, tmp_path_factory) -> dict[str, Path]:
     img.write_bytes(b"\x00\x00\x08\x01" + img.read_bytes()[4:])  # the labels' magic on the images file
     (dirs["badgz"] / "train-images-idx3-ubyte").unlink()
     (dirs["badgz"] / "train-images-idx3-ubyte.gz").write_bytes(b"<html>404 not found</html>")  # a failed download
+    from PIL import Image
+
+    for name, sizes in (("bomb", (15000, 8)), ("mixed", (28, 32))):  # ImageFolders: a 225-megapixel PNG; two sizes
+        for split in ("train", "test"):
+            for i, size in enumerate(sizes):
+                (root / name / split / f"c{i}").mkdir(parents=True)
+                Image.new("1" if size > 1000 else "L", (size, size)).save(root / name / split / f"c{i}" / "a.png")
+        dirs[name] = root / name
     return dirs
 
 
@@ -90,9 +98,9 @@ class Needs32px(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _config(tmp_path: Path, text: str) -> str:
+def _config(tmp_path: Path, text: str | bytes) -> str:
     p = tmp_path / "config.yaml"
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(p)
 
 
@@ -139,11 +147,86 @@ CASES = [
     ("zero learning rate", lambda t, d: ["--lr", "0"], r"lr must be > 0", 2),
     ("warmup out of range", lambda t, d: ["--warmup", "1.5"], r"warmup is a fraction of the run in \[0, 1\), got 1.5", 2),
     ("learning rate that diverges", lambda t, d: ["--lr", "1e12", "--schedule", "constant", "--out", str(t / "div")],
-     r"training diverged: loss became nan at step \d+ .* last finite loss", 3),
+     r"training diverged: .* (at|by) step \d+ .* last finite loss", 3),
     ("output dir not writable", lambda t, d: ["--out", str(_file(t) / "run")],
      r"output directory .*/a-file/run is not writable: (Not a directory|File exists)", 2),
     ("output dir is a file", lambda t, d: ["--out", str(_file(t))], r"Directory '.*a-file' is a file", 2),
+    ("weights file where the checkpoint belongs",
+     lambda t, d: _with_checkpoint(t, d, lambda r, c: shutil.copy(r / "model.safetensors", c)),
+     r"checkpoint.safetensors holds weights only, not a resumable training checkpoint", 2),
+    ("checkpoint without run state", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_meta=("state",))),
+     r"checkpoint .* is incomplete: it has no run state", 2),
+    ("checkpoint without step", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_state=("step",))),
+     r"checkpoint .* is incomplete: its run state lacks or mangles step", 2),
+    ("checkpoint without RNG state", lambda t, d: _with_checkpoint(t, d, _rewrite(drop_tensors=("rng.torch",))),
+     r"checkpoint .* is incomplete: no rng.torch", 2),
+    ("checkpoint without optimizer groups",
+     lambda t, d: _with_checkpoint(t, d, _rewrite(drop_meta=("optim_param_groups",))),
+     r"checkpoint .* is incomplete: no optim_param_groups", 2),
+    ("option fixed by the name: plain", lambda t, d: ["-k", "plain=true"], r"resnet20 fixes plain in its name", 2),
+    ("option fixed by the name: depth", lambda t, d: ["-k", "d=56"], r"resnet20 fixes d in its name", 2),
+    ("option removing the shortcut", lambda t, d: ["-k", "shortcut=null"],
+     r"shortcut=None removes the residual connection: use the plain twin", 2),
+    ("num_classes as a model option", lambda t, d: ["-k", "num_classes=5"],
+     r"model_kwargs: num_classes come from the dataset", 2),
+    ("in_chans as a model option", lambda t, d: ["-k", "in_chans=3"], r"model_kwargs: in_chans come from the dataset", 2),
+    ("model option of the wrong type", lambda t, d: ["-k", "width=abc"],
+     r"model 'resnet20' cannot be built with width='abc'", 2),
+    ("model option not YAML", lambda t, d: ["-k", "width=[1"], r"--model-kwarg 'width=\[1': the value is not valid YAML", 2),
+    ("model too large for memory", lambda t, d: ["-k", "width=100000"],
+     r"model 'resnet20' with width=100000.* does not fit in memory: .*can't allocate memory", 2),
+    ("ViT dropout out of range", lambda t, d: ["--model", "vit_mini_d6", "-k", "drop_rate=-1"],
+     r"drop_rate must be in \[0, 1\), got -1", 2, ["-k"]),
+    ("config list where a number belongs", lambda t, d: ["--config", _config(t, "model_kwargs: {width: [1, 2]}\n")],
+     r"model 'resnet20' cannot be built with width=\[1, 2\]", 2, ["-k"]),
+    ("config not UTF-8", lambda t, d: ["--config", _config(t, b"lr: 0.1\nmodel: \xff\n")],
+     r"config\.yaml is not UTF-8 text \(byte 0xff at offset 15\)", 2),
+    ("config YAML anchor bomb", lambda t, d: ["--config", _config(t, BOMB)],
+     r"expands to more than 100,000 values through YAML aliases", 2),
+    ("config option name not text", lambda t, d: ["--config", _config(t, "1: 2\n")], r"option names must be text, got 1", 2),
+    ("config AdamW betas of one number", lambda t, d: ["--config", _config(t, "optimizer: adamw\nbetas: [0.9]\n")],
+     r"betas must be two numbers in \[0, 1\) .* got \[0.9\]", 2),
+    ("config negative grad_clip", lambda t, d: ["--config", _config(t, "grad_clip: -1\n")],
+     r"grad_clip is a maximum gradient norm: a finite number > 0 \(or unset\), got -1", 2),
+    ("config momentum of 1 or more", lambda t, d: ["--config", _config(t, "momentum: 1.5\n")],
+     r"momentum must be < 1, got 1.5", 2),
+    ("seed beyond 64 bits", lambda t, d: ["--seed", "18446744073709551616"],
+     r"seed must be an integer in \[0, 2\*\*63\), got 18446744073709551616", 2),
+    ("negative seed", lambda t, d: ["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*63\), got -1", 2),
+    ("zero image size", lambda t, d: ["--img-size", "0"], r"img_size must be a positive integer, got 0", 2),
+    ("ImageFolder decompression bomb", lambda t, d: ["--data", "imagefolder", "--data-dir", str(d["bomb"])],
+     r"c0/a.png is too large to decode \(Image size \(225000000 pixels\) exceeds limit", 2),
+    ("ImageFolder of mixed sizes", lambda t, d: ["--data", "imagefolder", "--data-dir", str(d["mixed"])],
+     r"images differ in size: .* pass img_size=\.\.\. \(--img-size\)", 2),
 ]
+
+
+def _with_checkpoint(t: Path, d: dict, make) -> list[str]:
+    """A copy of the finished run whose checkpoint.safetensors is replaced by ``make(finished run)``."""
+    run = shutil.copytree(d["finished"], t / "damaged")
+    make(run, run / "checkpoint.safetensors")
+    return ["--out", str(run)]
+
+
+def _rewrite(drop_state=(), drop_tensors=(), drop_meta=()):
+    """Rewrite a real checkpoint without some run-state entries, tensors or metadata entries."""
+
+    def make(run: Path, ckpt: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(ckpt), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop_tensors}
+        state = {k: v for k, v in json.loads(meta["state"]).items() if k not in drop_state}
+        meta = {k: v for k, v in {**meta, "state": json.dumps(state)}.items() if k not in drop_meta}
+        save_file(tensors, str(ckpt), metadata=meta)
+
+    return make
+
+
+BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+               for p, c in zip(["", *"abcde"], "abcdef")) + f"lr: [{', '.join(['*f'] * 9)}]\n"  # 9**7 values in 300 bytes
 
 
 def _file(t: Path) -> Path:
@@ -158,12 +241,14 @@ def test_bad_input_one_clear_error(extra, match, code, drop, data, finished, tmp
     monkeypatch.setitem(_registry._MODELS, "needs32px",
                         _registry.ModelInfo("needs32px", "test", fn=lambda **kw: Needs32px(**kw)))
     before = snapshot(finished)
-    exit_code, err = run_cli(argv(data["good"], finished, *extra(tmp_path, data), drop=drop), capsys)
+    exit_code, err = run_cli(argv(data["good"], finished, *extra(tmp_path, {**data, "finished": finished}), drop=drop),
+                             capsys)
     lines = [l for l in err.splitlines() if l.strip()]
     assert exit_code == code, err
     assert "Traceback" not in err
     assert sum(l.startswith(("error:", "Error:")) for l in lines) == 1, err
     assert len(lines) <= 3, err  # click's usage errors add a usage and a hint line
+    assert max(len(l) for l in lines) < 600, err  # a line a person reads, whatever the input
     assert re.search(match, err), err
     assert snapshot(finished) == before  # the finished run on disk is untouched
 
@@ -244,3 +329,85 @@ def test_real_write_failure_in_a_subprocess(data, tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith("error: could not write checkpoint"), p.stderr
     assert "File too large" in p.stderr
     assert not list(out.glob(".*.tmp*")) and not (out / "checkpoint.safetensors").exists()
+
+
+def test_resume_needs_only_the_run_directory(data, finished, tmp_path, capsys):
+    """`pnnh train --out RUN --resume` continues with the configuration stored in RUN's checkpoint."""
+    from pnnh.train import TrainConfig, train
+    from pnnh.train.checkpoint import read_state
+
+    cfg = TrainConfig.from_dict({**read_state(finished / "checkpoint.safetensors")["config"],
+                                 "out": str(tmp_path / "run"), "resume": False})
+
+    def stop(step):
+        if step == 3:  # after the step-2 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop)
+    code, err = run_cli(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "resuming" in err and "at step 2 of 4" in err
+    a = json.loads((tmp_path / "run" / "summary.json").read_text())
+    b = json.loads((finished / "summary.json").read_text())
+    assert (a["test_acc"], a["test_loss"], a["steps"]) == (b["test_acc"], b["test_loss"], b["steps"])
+    code, err = run_cli(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.3"], capsys)
+    assert code == 2 and "configured differently (lr: checkpoint 0.1 vs now 0.3)" in err  # a flag given still counts
+
+
+# other commands: (id, argv (a function of tmp_path), message regex)
+OTHER_CASES = [
+    ("compare with no model name", lambda t: ["compare", "--models", ",", "--steps", "3", "--out", str(t / "cmp")],
+     r"--models names no model \(','\)"),
+    ("compare with an unknown second model",
+     lambda t: ["compare", "--models", "resnet8,resnet99", "--steps", "3", "--out", str(t / "cmp")],
+     r"unknown model 'resnet99'"),
+    ("compare with an option fixed by a name",
+     lambda t: ["compare", "--models", "resnet8,plain8", "-k", "plain=true", "--steps", "3", "--out", str(t / "cmp")],
+     r"resnet8 fixes plain in its name"),
+    ("compare with a negative learning rate",
+     lambda t: ["compare", "--models", "resnet8", "--lr", "-1", "--steps", "3", "--out", str(t / "cmp")],
+     r"lr must be a finite number >= 0, got -1"),
+    ("compare naming a model twice",
+     lambda t: ["compare", "--models", "resnet8,resnet8", "--steps", "3", "--out", str(t / "cmp")],
+     r"--models names a model twice"),
+    ("export at an opset torch cannot write",
+     lambda t: ["export", "--model", "resnet8", "--onnx", str(t / "cmp" / "m.onnx"), "--opset", "1"],
+     r"opset 1 is not one this torch can write \(7 to \d+\)"),
+    ("models of an unknown family", lambda t: ["models", "--family", "foo"], r"unknown family 'foo'; families: .*pnnh"),
+    ("models matching nothing", lambda t: ["models", "zzz*", "--family", "plain"],
+     r"no model matches 'zzz\*' in family 'plain'"),
+]
+
+
+@pytest.mark.parametrize("args,match", [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_bad_input_one_clear_error(args, match, tmp_path, capsys):
+    code, err = run_cli(args(tmp_path), capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert re.search(match, err), err
+    assert not (tmp_path / "cmp").exists()  # refused before anything was trained or written
+
+
+def test_bad_input_table_size():
+    assert len(CASES) + len(OTHER_CASES) >= 40
+
+
+def test_img_size_loads_an_imagefolder_of_mixed_sizes(data, tmp_path, capsys):
+    """The option the mixed-size error names exists and works: images are resized at load time."""
+    code, err = run_cli(["train", "--no-progress", "--data", "imagefolder", "--data-dir", str(data["mixed"]),
+                         "--img-size", "24", "--model", "resnet8", "-k", "width=0.25", "--batch-size", "2",
+                         "--steps", "1", "--threads", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
+    from pnnh.train.checkpoint import read_metadata
+
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["input_size"] == [1, 24, 24]
+
+
+def test_model_option_in_exponent_form_is_a_number():
+    from pnnh.utils import parse_kv
+
+    assert parse_kv(["width=1e-9", "init=dirac", "drop_rate=.5", "tag=1e-9x"], "-k") == \
+        {"width": 1e-9, "init": "dirac", "drop_rate": 0.5, "tag": "1e-9x"}  # YAML 1.1 alone reads 1e-9 as text

@@ -86,14 +86,14 @@ def test_a_changed_recipe_is_refused_before_training(tiny_study, tiny_spec):
 
 
 def test_plan_maps_families_to_models_and_skips_missing_depths(tmp_path):
-    study = plan_study("quick", out=tmp_path, families=["plain", "resnet", "plain_dirac"], depths=[14, 20],
+    study = plan_study("quick", out=tmp_path, families=["plain", "resnet", "plain_dirac"], depths=[15, 20],
                        seeds=2, model_kwargs={"width": 0.5})
     got = {(r.run_id, r.model, tuple(sorted(r.model_kwargs.items()))) for r in study.runs}
     assert got == {(f"{f}20-s{s}", m, kw) for s in (0, 1) for f, m, kw in (
         ("plain", "plain20", (("width", 0.5),)), ("resnet", "resnet20", (("width", 0.5),)),
         ("plain_dirac", "plain20", (("init", "dirac"), ("width", 0.5))))}
     assert [r.run_id for r in study.runs][:3] == ["plain20-s0", "resnet20-s0", "plain_dirac20-s0"]
-    assert len(study.skipped) == 3 and all("at depth 14" in s and "no registered model" in s for s in study.skipped)
+    assert len(study.skipped) == 3 and all("at depth 15" in s and "no registered model" in s for s in study.skipped)
     assert study.runs[0].cfg.out == str(tmp_path / "runs" / "plain20-s0") and study.runs[0].cfg.resume
 
 
@@ -111,7 +111,7 @@ def test_quick_preset_defaults_and_the_pnnh_family(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(families=["plian"]), "unknown family 'plian' \\(did you mean plain"),
-    (dict(depths=[14]), "nothing to run"),
+    (dict(depths=[15]), "nothing to run"),
     (dict(seeds=0), "seeds must be"),
     (dict(train={"steps": -1}), "steps must be a positive"),
 ])
