@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     n_params = sum(p.numel() for p in model.parameters())
 
     # resume
-    step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
+    step, curve, clock, wall_before, epoch_sums, scaler_state = 0, [], _Clock(), 0.0, None, None
     ckpt = out / CKPT_NAME if out else None
     if resume and ckpt is not None and ckpt.exists():
         saved = read_metadata(ckpt)["state"]
@@ -261,6 +261,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         clock = _Clock(state["train_seconds"], state["train_images"])
         # set when the checkpoint was taken mid-epoch: sums over all ranks, so rank 0 carries them
         epoch_sums = state.get("epoch_sums") if is_main else None
+        scaler_state = state.get("scaler")
         if is_main:
             print(f"resuming {ckpt} at step {step} of {total_steps}", file=sys.stderr, flush=True)
     if is_main and out is not None:  # drop metric lines written after the checkpoint (all, when none)
@@ -268,6 +269,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     wrapped = dist_utils.wrap_model(model, device)
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if scaler_state:  # the loss scale and its growth counter: fp16 resumes exactly
+        scaler.load_state_dict(scaler_state)
 
     def save(sums: torch.Tensor | None) -> None:
         if not is_main or ckpt is None:
@@ -276,7 +279,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
             "train_images": clock.images, "wall_seconds": wall_before + time.time() - session_start,
             "epoch_sums": None if sums is None else sums.tolist(), "world_size": world,
-            "elastic_run_id": dist_utils.elastic_run_id()})
+            "elastic_run_id": dist_utils.elastic_run_id(), "scaler": scaler.state_dict() or None})
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
