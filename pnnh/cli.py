@@ -76,7 +76,8 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 
 
 @cli.command("train")
-@click.option("--model", help="Registered model name (see `pnnh models`).")
+@click.option("--model", help="Registered model name (see `pnnh models`), or your own as path/to/file.py:factory "
+              "or package.module:factory.")
 @click.option("--data", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "imagefolder"]), help="Dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the dataset files are.")
 @click.option("--epochs", type=int, help="Training length in epochs.")
@@ -149,7 +150,8 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
 
 
 @cli.command("compare")
-@click.option("--models", "model_list", required=True, help="Comma-separated model names, e.g. plain56,resnet56.")
+@click.option("--models", "model_list", required=True, help="Comma-separated model names, e.g. plain56,resnet56, "
+              "or your own as path/to/file.py:factory.")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the dataset files are.")
 @click.option("--epochs", type=int, help="Epochs per model.")
@@ -163,13 +165,14 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, out) -> None:
     """
     from pathlib import Path
 
+    from .models import model_slug
     from .train import TrainConfig, train
 
     if epochs is None and steps is None:
         raise ConfigError("give --epochs or --steps")
     rows = []
     for name in [m.strip() for m in model_list.split(",") if m.strip()]:
-        run_dir = Path(out) / name
+        run_dir = Path(out) / model_slug(name)
         click.echo(f"[{len(rows) + 1}] {name} -> {run_dir}")
         cfg = TrainConfig(model=name, data=data, data_dir=data_dir, epochs=epochs, steps=steps, seed=seed,
                           out=str(run_dir), resume=True)

@@ -1,10 +1,12 @@
 """Model families. Importing this package registers every model."""
 
-from ._registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
+from ._registry import (ModelInfo, create_model, is_factory_spec, is_model, list_models, load_factory, model_info,
+                        model_label, model_slug, register_model)
 from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
 from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, resnext*, highway*, se_resnet* ...)
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
 from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
 
-__all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet"]
+__all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet",
+           "is_factory_spec", "load_factory", "model_label", "model_slug"]

@@ -235,10 +235,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
-    model_kwargs = dict(cfg.model_kwargs)
-    model_kwargs.setdefault("img_size", train_ds.img_size)
-    model = models.create_model(cfg.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans, **model_kwargs)
-    _check_input_size(model, train_ds)
+    model = _build_model(cfg, train_ds)
     if cfg.sync_bn and world > 1:  # BatchNorm statistics over the global batch, not each rank's slice
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -312,7 +309,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
                        f"last finite loss {last_finite:.4g}. ")
                 msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
                 if is_main and out is not None:
-                    _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
+                    _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model_name, "step": step})
                 raise DivergenceError(msg)
             last_finite = mean_loss
             optimizer.zero_grad(set_to_none=True)
@@ -369,7 +366,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         test = evaluate(model, test_loader, device, amp_dtype)
 
     summary = {
-        "status": "complete", "model": cfg.model, "model_kwargs": cfg.model_kwargs, "data": cfg.data,
+        "status": "complete", "model": cfg.model_name, "model_kwargs": cfg.model_kwargs, "data": cfg.data,
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
@@ -397,16 +394,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
-def _check_input_size(model: nn.Module, ds) -> None:
-    """Fail early, clearly, on an image size the model cannot take."""
+def _build_model(cfg: TrainConfig, ds) -> nn.Module:
+    """The model ``cfg.model`` names (built for ``ds``), or the module it holds; checked on ``ds``'s images."""
+    if isinstance(cfg.model, nn.Module):
+        model = cfg.model
+    else:
+        kwargs = dict(cfg.model_kwargs)
+        kwargs.setdefault("img_size", ds.img_size)
+        model = models.create_model(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans, **kwargs)
+    _check_input_size(model, ds, cfg.model_name)
+    return model
+
+
+def _check_input_size(model: nn.Module, ds, name: str) -> None:
+    """Fail early, clearly, on an image size the model cannot take or a wrong number of outputs."""
     try:
         with torch.no_grad():
             model.eval()
-            model(torch.zeros(2, ds.in_chans, *ds.images.shape[-2:]))
+            out = model(torch.zeros(2, ds.in_chans, *ds.images.shape[-2:]))
             model.train()
     except RuntimeError as e:
-        raise ConfigError(f"model {getattr(model, 'pnnh_name', '?')} cannot take {ds.name} images of size "
+        raise ConfigError(f"model {name} cannot take {ds.name} images of size "
                           f"{tuple(ds.images.shape[1:])}: {str(e).splitlines()[0]}") from None
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] != ds.num_classes:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"model {name} must return (batch, {ds.num_classes}) logits for {ds.name}, got {got}")
 
 
 def _progress(cfg: TrainConfig, is_main: bool, total: int, initial: int):
@@ -414,4 +426,4 @@ def _progress(cfg: TrainConfig, is_main: bool, total: int, initial: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=cfg.model, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, desc=cfg.model_name, unit="step", dynamic_ncols=True, leave=True)
