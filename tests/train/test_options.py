@@ -82,3 +82,24 @@ def test_amp_runs_in_reduced_precision_and_tracks_fp32(amp, tmp_path, fmnist_sma
     diffs = [abs(a[1] - b[1]) for a, b in zip(ref, low)]
     assert len(diffs) == 4 and max(diffs) < 0.05  # the same training, to reduced-precision accuracy
     assert max(diffs) > 0  # but not bit for bit: forward and backward ran in reduced precision
+
+
+def _tiny_net(num_classes=10):
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(16, num_classes))
+
+
+def test_compile_gives_the_same_loss_curve(tmp_path, fmnist_small, monkeypatch):
+    # inductor generates and builds C++ kernels on CPU: a tiny net keeps that to a few kernels, built
+    # in this process (no pool of compile workers to start)
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
+    kw = dict(model=_tiny_net, model_kwargs={}, steps=3, channels_last=False, lr=0.5)
+    eager = train(_cfg(tmp_path / "eager", fmnist_small, **kw))
+    compiled = train(_cfg(tmp_path / "compiled", fmnist_small, compile=True, **kw))
+    assert [s for s, _ in compiled["curve"]] == [1, 2, 3]
+    for (_, a), (_, b) in zip(eager["curve"], compiled["curve"]):
+        assert b == pytest.approx(a, abs=1e-4)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
+    assert eager["curve"][0][1] != eager["curve"][-1][1]  # the steps moved the loss: the curves say something
