@@ -135,6 +135,11 @@ class _Net(nn.Module):
         if k == "cat_then_add":
             y = torch.cat([x, self.conv2(x)], 1)
             return y[:, :4] + y[:, 4:]
+        if k == "stack_sum_projection":  # a summed stack is an addition: projection beside the branch
+            return torch.stack([self.proj(x), self.bn2(self.conv2(F.relu(self.bn(self.gate(x)))))]).sum(0)
+        if k == "cat_then_add_projection":
+            y = torch.cat([self.proj(x), self.bn2(self.conv2(F.relu(self.bn(self.gate(x)))))], 1)
+            return y[:, :4] + y[:, 4:]
         if k == "projection_bn":  # torchvision's downsample: conv1x1 + BN beside conv-BN-ReLU-conv-BN
             return F.relu(self.bn2(self.conv2(F.relu(self.bn(self.gate(x))))) + self.proj(x))
         if k == "crelu":
@@ -154,7 +159,8 @@ class _Net(nn.Module):
 
 
 SHORTCUTS = ["identity", "scaled_sub", "dense", "highway", "functional", "buffer_scale", "buffer_conv",
-             "eye_in_forward", "lerp", "addcmul", "where", "mul_of_sum", "stack_sum", "cat_then_add", "projection_bn"]
+             "eye_in_forward", "lerp", "addcmul", "where", "mul_of_sum", "stack_sum", "cat_then_add", "projection_bn",
+             "stack_sum_projection", "cat_then_add_projection"]
 NOT_SHORTCUTS = ["crelu", "inception", "gating", "pnnh_vit_like", "weight_level_identity"]
 
 
