@@ -2,11 +2,13 @@
 
 :func:`find_residual_connections` traces the model's forward pass with ``torch.fx`` and counts,
 for every merge of two tensors that both derive from one earlier tensor, the *weighted layers* on
-each path from that tensor to the merge. A weighted layer is a call of a module that owns
-parameters (conv, linear, norm with affine) or a function taking a parameter
-(``F.conv2d(x, self.weight)``). Everything else passes a tensor on without weights: identity,
-slicing and subsampling, padding, pooling, dropout, reshaping, activations, scaling by a constant,
-and any op whose other operand is data-independent — a registered *buffer* (``x * self.scale``,
+each path from that tensor to the merge. A weighted layer mixes its input through learned
+weights: a call of a module holding a weight matrix or kernel (conv, linear, embedding) or a
+non-elementwise function reading a parameter (``F.conv2d(x, self.weight)``, ``F.linear``,
+``x @ self.w``). Everything else passes a tensor on without weights: identity, slicing and
+subsampling, padding, pooling, dropout, reshaping, activations, norms and their per-channel affine,
+scaling by a constant or a learned gain (``alpha * x``), and any op whose other operand is
+data-independent — a registered *buffer* (``x * self.scale``,
 ``F.conv2d(x, self.identity_kernel)``), a tensor built inside ``forward`` (``torch.eye``), a
 random mask. Buffers are fixed, so an op that only reads buffers can carry the input unchanged.
 
@@ -18,8 +20,9 @@ Two kinds of merge are inspected:
   (``torch.stack([x, f(x)]).sum(0)``). One is a shortcut when its operands are reached from one
   tensor through *different* numbers of weighted layers; the operand with fewer is the shortcut.
   That covers the identity shortcut ``F(x) + x`` (0 layers), He et al.'s option A
-  ``F(x) + pad(x[:, :, ::2, ::2])`` (0), the projection shortcut ``F(x) + BN(conv1x1(x))`` (2 against
-  4: torchvision's ``downsample``), pre-activation blocks, highway gates
+  ``F(x) + pad(x[:, :, ::2, ::2])`` (0), the projection shortcut ``F(x) + BN(conv1x1(x))`` (1 against
+  2: torchvision's ``downsample``), a learned-gain shortcut ``alpha x + F(x)``, pre-activation
+  blocks, highway gates
   ``T(x) H(x) + (1 - T(x)) x``. Two parallel branches of equal depth (Inception style) are not a
   shortcut: neither skips anything.
 - **concatenations** (``cat``, ``stack``): one is a shortcut when a part is the tensor itself, passed
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["ResidualConnection", "find_residual_connections", "is_plain"]
 
@@ -52,6 +56,14 @@ _MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
 _MUL_METHODS = {"mul", "mul_"}
 _REDUCE = {torch.sum, torch.mean}
 _REDUCE_METHODS = {"sum", "mean"}
+# per-element ops: a parameter they read scales or shifts values, it mixes nothing (not a weighted layer)
+_ELEMENTWISE_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                      operator.truediv, operator.itruediv, operator.neg, torch.add, torch.sub, torch.rsub, torch.mul,
+                      torch.div, torch.addcmul, torch.addcdiv, torch.lerp, torch.where, torch.clamp, torch.sigmoid,
+                      torch.tanh, torch.relu, F.relu, F.gelu, F.silu, F.prelu, F.layer_norm, F.batch_norm,
+                      F.group_norm, F.instance_norm}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "addcmul", "addcmul_", "addcdiv",
+                        "addcdiv_", "lerp", "lerp_", "where", "clamp", "neg", "sigmoid", "tanh", "relu"}
 # ops whose value does not depend on the data of their tensor operand (shapes, fresh tensors)
 _META_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_full"}
 _META_FUNCS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
@@ -123,9 +135,12 @@ class _Graph:
         return any(True for _ in self.gm.get_submodule(n.target).parameters())
 
     def _weighted(self, n: fx.Node) -> bool:
+        """A layer that mixes its input through learned weights: a module holding a weight matrix or
+        kernel (conv, linear, embedding; not a norm's per-channel affine), or a non-elementwise op
+        reading a parameter (``F.conv2d(x, self.weight)``, ``F.linear``, ``x @ self.w``)."""
         if n.op == "call_module":
-            return self._owns_params(n)
-        if n.op in ("call_function", "call_method"):  # F.conv2d(x, w): a parameter among the inputs
+            return any(p.dim() >= 2 for p in self.gm.get_submodule(n.target).parameters())
+        if n.op in ("call_function", "call_method") and not _is_fn(n, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS):
             return any(a in self.learned for a in n.all_input_nodes)
         return False
 

@@ -54,9 +54,9 @@ def test_mirror_and_shared_coders_are_plain():
 
 
 def test_tied_coder_is_reported_as_a_projection_shaped_sum():
-    # W_l x + E^T relu(BN(E x)): one conv summed with a three-layer branch of the same input
+    # W_l x + E^T relu(BN(E x)): one conv summed with a two-conv branch of the same input
     found = find_residual_connections(pnnh.create_model("pnnh20", coder="tied"))
-    assert len(found) == 18 and all((f.shortcut_layers, f.branch_layers) == (1, 3) for f in found)
+    assert len(found) == 18 and all((f.shortcut_layers, f.branch_layers) == (1, 2) for f in found)
 
 
 @pytest.mark.parametrize("name", RESIDUAL)
@@ -97,6 +97,7 @@ class _Net(nn.Module):
         self.bn2 = nn.BatchNorm2d(4)
         self.proj = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
         self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.alpha = nn.Parameter(torch.ones(1, 4, 1, 1))
         self.register_buffer("ones", torch.ones(1, 4, 1, 1))  # fixed tensors: no parameter
         self.register_buffer("eye", torch.eye(4).view(4, 4, 1, 1))
         self.fc = nn.Linear(12, 4)
@@ -140,6 +141,8 @@ class _Net(nn.Module):
         if k == "cat_then_add_projection":
             y = torch.cat([self.proj(x), self.bn2(self.conv2(F.relu(self.bn(self.gate(x)))))], 1)
             return y[:, :4] + y[:, 4:]
+        if k == "learned_gain":  # SkipInit / ReZero style: a learned scalar is no weighted layer
+            return self.alpha * x + self.conv2(x)
         if k == "projection_bn":  # torchvision's downsample: conv1x1 + BN beside conv-BN-ReLU-conv-BN
             return F.relu(self.bn2(self.conv2(F.relu(self.bn(self.gate(x))))) + self.proj(x))
         if k == "crelu":
@@ -160,7 +163,7 @@ class _Net(nn.Module):
 
 SHORTCUTS = ["identity", "scaled_sub", "dense", "highway", "functional", "buffer_scale", "buffer_conv",
              "eye_in_forward", "lerp", "addcmul", "where", "mul_of_sum", "stack_sum", "cat_then_add", "projection_bn",
-             "stack_sum_projection", "cat_then_add_projection"]
+             "stack_sum_projection", "cat_then_add_projection", "learned_gain"]
 NOT_SHORTCUTS = ["crelu", "inception", "gating", "pnnh_vit_like", "weight_level_identity"]
 
 
@@ -178,7 +181,7 @@ def test_detector_passes_merges_that_skip_nothing(kind):
 
 def test_projection_shortcut_names_the_shorter_path():
     (f,) = find_residual_connections(_Net("projection_bn"))
-    assert (f.shortcut_layers, f.branch_layers) == (2, 4) and f.shortcut_operand.startswith("proj")
+    assert (f.shortcut_layers, f.branch_layers) == (1, 2) and f.shortcut_operand.startswith("proj")
 
 
 class _TorchvisionBasicBlock(nn.Module):
