@@ -140,7 +140,8 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 
 
 @cli.command("train")
-@click.option("--model", help="Registered model name (see `pnnh models`).")
+@click.option("--model", help="Registered model name (see `pnnh models`), or your own as path/to/file.py:factory "
+              "or package.module:factory.")
 @click.option("--data", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "imagefolder"]), help="Dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the dataset files are.")
 @click.option("--epochs", type=int, help="Training length in epochs.")
@@ -284,7 +285,8 @@ def _stored_config(out: str) -> dict[str, Any]:
 
 
 @cli.command("compare")
-@click.option("--models", "model_list", required=True, help="Comma-separated model names, e.g. plain56,resnet56.")
+@click.option("--models", "model_list", required=True, help="Comma-separated model names, e.g. plain56,resnet56, "
+              "or your own as path/to/file.py:factory.")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Dataset.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the dataset files are.")
 @click.option("--epochs", type=int, help="Epochs per model.")
@@ -307,6 +309,7 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, lr, batch_size,
     """
     from pathlib import Path
 
+    from .models import model_slug
     from .train import TrainConfig, train
 
     if epochs is None and steps is None:
@@ -320,12 +323,12 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, lr, batch_size,
                                      threads=threads).items() if v is not None}
     kwargs = parse_kv(model_kwarg, "--model-kwarg")
     cfgs = [TrainConfig(model=name, model_kwargs=kwargs, data=data, data_dir=data_dir, epochs=epochs, steps=steps,
-                        seed=seed, out=str(Path(out) / name), resume=True, **recipe).validate() for name in names]
+                        seed=seed, out=str(Path(out) / model_slug(name)), resume=True, **recipe).validate() for name in names]
     for cfg in cfgs:  # unknown names and options fail here, before any training
         _check_model_options(cfg.model, cfg.model_kwargs)
     rows = []
     for cfg in cfgs:
-        click.echo(f"[{len(rows) + 1}] {cfg.model} -> {cfg.out}")
+        click.echo(f"[{len(rows) + 1}] {cfg.model_name} -> {cfg.out}")
         rows.append(train(cfg))
     click.echo(f"\n{'model':<14}{'params':>10}{'test acc':>10}{'train img/s':>13}{'wall s':>9}")
     for r in rows:
@@ -339,9 +342,10 @@ def _check_model_options(name: str, kwargs: dict[str, Any]) -> None:
     import torch
 
     from .errors import PnnhError
-    from .models import create_model, model_info
+    from .models import create_model, is_factory_spec, model_info
 
-    model_info(name)
+    if not is_factory_spec(name):
+        model_info(name)  # a registered name: unknown ones fail with the closest names
     try:
         with torch.device("meta"):
             create_model(name, **kwargs)

@@ -1,4 +1,5 @@
-"""``pnnh diagnose``: run :func:`pnnh.analysis.run_diagnostics` on a model and write JSON + PNG plots."""
+"""``pnnh diagnose``: run :func:`pnnh.analysis.run_diagnostics` on a model (registered, or the user's own
+``file.py:factory``) and write JSON + PNG plots."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ __all__ = ["diagnose_cmd"]
 
 
 @click.command("diagnose")
-@click.option("--model", "model_names", help="Registered model name; several, comma-separated, are also overlaid "
-              "in comparison.png. Optional with --checkpoint (its metadata names the model).")
+@click.option("--model", "model_names", help="Registered model name, or your own as path/to/file.py:factory or "
+              "package.module:factory; several, comma-separated, are also overlaid in comparison.png. Optional "
+              "with --checkpoint (its metadata names the model).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="pnnh weights or checkpoint (.safetensors) to "
               "diagnose instead of a freshly initialised model.")
 @click.option("--model-kwarg", "-k", "model_kwarg", multiple=True, metavar="KEY=VALUE",
@@ -48,9 +50,9 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     """
     import torch
 
-    from ..models import create_model
+    from ..models import create_model, model_slug
     from ..train.checkpoint import load_weights, read_metadata
-    from .diagnose import load_images, run_diagnostics, summarize
+    from .diagnose import DiagnoseConfig, load_images, run_diagnostics, summarize
     from .plots import plot_comparison, plot_diagnostics
 
     if threads:
@@ -77,6 +79,8 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
     x, y = x.to(dev), y.to(dev)
     kwargs = parse_kv(model_kwarg, "--model-kwarg")
+    config = DiagnoseConfig(probes=probes, norm_stats=norm_stats, lesion=lesion, lesion_images=lesion_images,
+                            gradients=gradients, seed=seed)
     results = {}
     out_dir = Path(out)
     for name in names:
@@ -92,13 +96,11 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
             raise ConfigError(f"{name} takes {want}-channel images but {data} has {x.shape[1]} channels")
         click.echo(f"[{name}] {'checkpoint ' + checkpoint if checkpoint else 'at init'}, {x.shape[0]} {data} {split} images")
         model = model.to(dev)
-        res = run_diagnostics(model, x, y, probes=probes, norm_stats=norm_stats, lesion=lesion,
-                              lesion_images=lesion_images, gradients=gradients, dists=dists, seed=seed,
-                              log=lambda s: click.echo(f"  {s}"))
+        res = run_diagnostics(model, x, y, config, dists=dists, log=lambda s: click.echo(f"  {s}"))
         res["data"] = {"name": data, "split": split, "images": int(x.shape[0]), "seed": seed}
         if checkpoint:
             res["checkpoint"] = str(checkpoint)
-        target = out_dir if len(names) == 1 else out_dir / name
+        target = out_dir if len(names) == 1 else out_dir / model_slug(name)
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target / "diagnostics.json", json.dumps(res, indent=1))
         written = [] if no_plots else plot_diagnostics(res, target)

@@ -13,7 +13,10 @@ The model is deep-copied: its weights and BatchNorm statistics are never modifie
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,12 +26,49 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .gradients import gradient_correlation
 from .lesion import lesion_study, path_length_distribution, shortcut_path
-from .probes import ProbeTap, calibrate_batch_norm, get_blocks, resolve_norm_stats, resolve_probe_mode
+from .probes import ProbeTap, adopt_blocks, calibrate_batch_norm, get_blocks, resolve_norm_stats, resolve_probe_mode
 from .similarity import (cka_with_floor, dissipation_depth, features_for_gram, gram, noise_band,
                          ridge_r2_with_floor, shuffles)
 from .theory import PAPER_FORM, channel_moments, preactivation_stats, simulate_he_layers
 
-__all__ = ["run_diagnostics", "channel_stats", "load_images", "summarize"]
+__all__ = ["DiagnoseConfig", "diagnose", "run_diagnostics", "channel_stats", "load_images", "summarize"]
+
+
+@dataclass
+class DiagnoseConfig:
+    """What :func:`run_diagnostics` measures and how finely. ``pnnh diagnose`` flags fill this in."""
+
+    probes: str = "auto"  # auto | blocks | layers (pnnh.analysis.probes)
+    norm_stats: str = "auto"  # auto (batch statistics at init, running ones once trained) | batch | running
+    max_dim: int | None = 4096  # activations with more values per image are average-pooled before the Gram matrix
+    target_size: int = 7  # the ridge readout reconstructs the input average-pooled to this side
+    n_shuffles: int = 8  # shuffled image-input pairings for the noise floor
+    z: float = 3.0  # half-width of the noise band, in standard deviations
+    gradients: bool = True  # shattered-gradients measurement
+    grad_lines: int = 4
+    grad_points: int = 8
+    grad_span: float = 0.25
+    grad_max_probes: int = 10
+    lesion: bool | None = None  # None: when labels are given and the model is trained
+    lesion_images: int | None = None  # lesion study on the first N images only (None: all)
+    stats_images: int | None = 128  # pre-activation / signal statistics on the first N images (None: all)
+    theory: bool = True  # simulate He-normal plain / residual layers on the images
+    theory_depth: int = 12
+    theory_images: int = 256
+    dists_images: int = 32  # DISTS settings, used when a DISTS module is given
+    dists_size: int = 48
+    dists_max_probes: int = 10
+    seed: int = 0  # seeds the shuffles, readouts and simulations
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiagnoseConfig":
+        """A config from keyword settings; an unknown key is a ConfigError naming the closest field."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, 1)
+                raise ConfigError(f"unknown diagnose setting {k!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return cls(**d)
 
 def channel_stats(t: torch.Tensor) -> dict[str, float]:
     """Brock et al.'s signal-propagation statistics of one activation (channel = dim 1, or last for tokens).
@@ -57,62 +97,35 @@ def _metric_block(values: torch.Tensor, floor: torch.Tensor, z: float, probes: l
     }
 
 
-def run_diagnostics(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    probes: str = "auto",
-    norm_stats: str = "auto",
-    max_dim: int | None = 4096,
-    target_size: int = 7,
-    n_shuffles: int = 8,
-    z: float = 3.0,
-    gradients: bool = True,
-    grad_lines: int = 4,
-    grad_points: int = 8,
-    grad_span: float = 0.25,
-    grad_max_probes: int = 10,
-    lesion: bool | None = None,
-    lesion_images: int | None = None,
-    stats_images: int | None = 128,
-    theory: bool = True,
-    theory_depth: int = 12,
-    theory_images: int = 256,
-    dists: nn.Module | None = None,
-    dists_images: int = 32,
-    dists_size: int = 48,
-    dists_max_probes: int = 10,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def diagnose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *,
+             dists: nn.Module | None = None, log: Callable[[str], None] | None = None, **settings: Any) -> dict[str, Any]:
+    """:func:`run_diagnostics` with :class:`DiagnoseConfig` fields as keywords:
+    ``diagnose(model, x, y, probes="layers", gradients=False)``. Any ``nn.Module`` works."""
+    return run_diagnostics(model, images, labels, DiagnoseConfig.from_dict(settings), dists=dists, log=log)
+
+
+def run_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
+                    config: DiagnoseConfig | None = None, *, dists: nn.Module | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure how a model carries its input through depth; returns a JSON-serialisable dict.
 
     Args:
-        model: any model with ``blocks()`` (or an ``nn.Sequential`` of blocks); not modified.
+        model: any ``nn.Module``; not modified. Block probes read the outputs of ``model.blocks()``
+            (or of an ``nn.Sequential``'s children; slices of a Sequential are fine); a model
+            without blocks is probed at every activation module.
         images: N×C×H×W normalised images (the model's input), ideally a random sample.
         labels: their labels (enables accuracy and the lesion study).
-        probes: ``"auto"``, ``"blocks"`` or ``"layers"`` (see :mod:`pnnh.analysis.probes`).
-        norm_stats: ``"auto"`` (batch statistics for an untrained model, running ones otherwise),
-            ``"batch"`` or ``"running"``.
-        max_dim: activations with more than this many values per image are average-pooled
-            spatially before their Gram matrix (``None``: never).
-        target_size: the ridge regression reconstructs the input average-pooled to this side.
-        n_shuffles, z: shuffled pairings for the noise floor, and the band's half-width in stds.
-        gradients, grad_*: shattered-gradients measurement and its line settings.
-        lesion: run the lesion study; ``None`` = when labels are given and the model is trained
-            (its BatchNorm running statistics are not the initial ones; for a model without
-            BatchNorm pass ``True``). It costs about two full
-            forward passes per block; ``lesion_images`` limits it to the first that many images.
-        stats_images: pre-activation and signal-propagation statistics use the first this many
-            images of the batch (``None``: all; they are per-channel averages over images and
-            positions, so a few hundred thousand values per channel are plenty).
-        theory, theory_depth, theory_images: simulate He-normal plain/residual layers on (the first
-            ``theory_images`` of) these images.
+        config: what to measure (:class:`DiagnoseConfig`; its defaults when ``None``). The lesion
+            study (``lesion=None``: when labels are given and the model's BatchNorm statistics
+            are no longer the initial ones; pass ``True`` for a model without BatchNorm) costs
+            about two forward passes per block and needs blocks.
         dists: a :class:`pnnh.analysis.dists.DISTS` module (from local weight files) or ``None``.
-        seed: seeds the shuffles, readouts and simulations.
         log: optional ``print``-like callback for progress lines.
     """
+    c = config or DiagnoseConfig()
+    probes, norm_stats, max_dim, target_size, n_shuffles, z = (c.probes, c.norm_stats, c.max_dim, c.target_size,
+                                                                c.n_shuffles, c.z)
+    lesion, lesion_images, stats_images, seed = c.lesion, c.lesion_images, c.stats_images, c.seed
     if images.dim() < 3:
         raise ConfigError(f"images must be N×C×H×W (or N×T×C), got shape {tuple(images.shape)}")
     n = images.shape[0]
@@ -120,15 +133,15 @@ def run_diagnostics(
         raise ConfigError(f"need at least 16 images for the diagnostics, got {n}")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = copy.deepcopy(model).float().eval().to(images.device)
+    work = adopt_blocks(copy.deepcopy(model).float().eval().to(images.device))
     mode = resolve_probe_mode(work, probes)
     stats_mode = resolve_norm_stats(work, norm_stats)
     trained = resolve_norm_stats(work, "auto") == "running"  # BatchNorm statistics moved: trained
     images = images.float()
-    get_blocks(work)  # fail early with a clear message
+    blocks = get_blocks(work, required=mode == "blocks")  # fail early with a clear message
 
     # ---- one forward: probes (Gram matrices), pre-activations, block statistics -------------------
-    k_dists = min(dists_images, n) if dists is not None else 0
+    k_dists = min(c.dists_images, n) if dists is not None else 0
 
     def reduce(t: torch.Tensor, p) -> dict[str, torch.Tensor]:
         out = {"gram": gram(features_for_gram(t, max_dim))}
@@ -172,8 +185,8 @@ def run_diagnostics(
     timing["dissipation"] = time.perf_counter() - t
     if dists is not None:
         t = time.perf_counter()
-        metrics["dists_similarity"] = _dists_metric(dists, tap.probes, images[:k_dists], n_shuffles, z, dists_size,
-                                                    dists_max_probes, seed)
+        metrics["dists_similarity"] = _dists_metric(dists, tap.probes, images[:k_dists], n_shuffles, z, c.dists_size,
+                                                    c.dists_max_probes, seed)
         timing["dists"] = time.perf_counter() - t
     result["dissipation"] = {"probes": probe_meta, "metrics": metrics}
     _log(log, f"dissipation metrics: {timing['dissipation']:.1f}s")
@@ -183,14 +196,14 @@ def run_diagnostics(
         "layers": [{"name": p.name, "depth": p.depth, **p.value} for p in tap.preacts],
         "paper_form": PAPER_FORM,
     }
-    if theory:
+    if c.theory:
         t = time.perf_counter()
-        flat = images[:theory_images].reshape(min(n, theory_images), -1)
+        flat = images[:c.theory_images].reshape(min(n, c.theory_images), -1)
         result["surviving"]["theory"] = {
             "input": f"the first {flat.shape[0]} diagnostic images, flattened", "width": flat.shape[1],
-            "depth": theory_depth,
-            "plain": simulate_he_layers(flat, theory_depth, residual=False, seed=seed, dtype=torch.float32),
-            "residual": simulate_he_layers(flat, theory_depth, residual=True, seed=seed, dtype=torch.float32),
+            "depth": c.theory_depth,
+            "plain": simulate_he_layers(flat, c.theory_depth, residual=False, seed=seed, dtype=torch.float32),
+            "residual": simulate_he_layers(flat, c.theory_depth, residual=True, seed=seed, dtype=torch.float32),
         }
         timing["theory"] = time.perf_counter() - t
     branches = {p.name: p.value for p in tap.branches}
@@ -200,28 +213,30 @@ def run_diagnostics(
     tap.reset()
 
     # ---- shattered gradients ---------------------------------------------------------------------
-    if gradients:
+    if c.gradients:
         t = time.perf_counter()
-        result["gradients"] = gradient_correlation(work, images, mode, n_lines=min(grad_lines, n // 2),
-                                                   points=grad_points, span=grad_span, max_probes=grad_max_probes,
-                                                   seed=seed)
+        result["gradients"] = gradient_correlation(work, images, mode, n_lines=min(c.grad_lines, n // 2),
+                                                   points=c.grad_points, span=c.grad_span,
+                                                   max_probes=c.grad_max_probes, seed=seed)
         timing["gradients"] = time.perf_counter() - t
         _log(log, f"gradient correlation: {timing['gradients']:.1f}s")
 
     # ---- lesions ---------------------------------------------------------------------------------
-    blocks = get_blocks(work)
+    blocks = get_blocks(work, required=False)
     n_res = sum(shortcut_path(b) is not None for b in blocks)
     if lesion is None:
-        lesion = labels is not None and trained
+        lesion = labels is not None and trained and bool(blocks)
     if lesion:
         if labels is None:
             raise ConfigError("the lesion study needs labels")
+        if not blocks:
+            raise ConfigError(f"the lesion study deletes blocks; {type(model).__name__} has no blocks()")
         t = time.perf_counter()
         result["lesion"] = lesion_study(work, images[:lesion_images], labels[:lesion_images])
         timing["lesion"] = time.perf_counter() - t
         _log(log, f"lesion study: {timing['lesion']:.1f}s")
     else:
-        result["lesion"] = {"skipped": "no labels" if labels is None else
+        result["lesion"] = {"skipped": "no labels" if labels is None else "the model has no blocks" if not blocks else
                             "untrained model (accuracy is chance level at init); pass lesion=True / --lesion to force"}
     result["path_lengths"] = path_length_distribution(n_res)
     timing["total"] = time.perf_counter() - t0

@@ -9,7 +9,8 @@ A *probe* is a point of the forward pass whose activation the diagnostics measur
   class name ends in ``ReLU`` such as a CReLU) outside shortcut paths. For a plain net this is
   every layer. For a residual or PNNH block it would also read mid-branch activations, which are
   not the state of the network (the input also travels along the shortcut / coder), so
-  ``"auto"`` picks ``"layers"`` only for the ``plain`` family and ``"blocks"`` otherwise.
+  ``"auto"`` picks ``"layers"`` for the ``plain`` family and for models without blocks, and
+  ``"blocks"`` otherwise.
 
 Each probe records the number of weight layers executed before it, its ``depth``: calls of
 modules that directly own a weight of two or more dimensions (``Conv``, ``Linear``, or a custom
@@ -34,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError
 
-__all__ = ["get_blocks", "activation_modules", "branch_end", "is_weight_layer", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
+__all__ = ["get_blocks", "adopt_blocks", "activation_modules", "branch_end", "is_weight_layer", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
            "ProbeTap", "Probe", "PROBE_MODES", "learner_activity"]
 
 PROBE_MODES = ("auto", "blocks", "layers")
@@ -43,19 +44,72 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.
                 nn.Mish, nn.Hardswish, nn.Tanh, nn.Softplus)
 
 
-def get_blocks(model: nn.Module) -> list[nn.Module]:
-    """``model.blocks()``, or the children of an ``nn.Sequential``."""
+def get_blocks(model: nn.Module, required: bool = True) -> list[nn.Module]:
+    """``model.blocks()``, or the children of an ``nn.Sequential``; ``[]`` for another model unless ``required``.
+
+    Every block must be a module the forward pass calls (hooks on it fire); a ``blocks()`` that
+    builds new containers, such as slices of an ``nn.Sequential``, is made so by :func:`adopt_blocks`.
+    """
     fn = getattr(model, "blocks", None)
     if callable(fn):
         blocks = list(fn())
     elif isinstance(model, nn.Sequential):
         blocks = list(model)
+    elif required:
+        raise ConfigError(f"{type(model).__name__} has no blocks() method; block probes need the model's blocks "
+                          "in forward order (every pnnh CNN has them, or pass an nn.Sequential of blocks); "
+                          "probes='layers' reads every activation instead")
     else:
-        raise ConfigError(f"{type(model).__name__} has no blocks() method; diagnostics need the model's blocks "
-                          "in forward order (every pnnh CNN has them, or pass an nn.Sequential of blocks)")
-    if not blocks:
+        return []
+    if not blocks and required:
         raise ConfigError(f"{type(model).__name__}.blocks() is empty")
+    own = {id(m) for m in model.modules()}
+    foreign = [i for i, b in enumerate(blocks) if id(b) not in own]
+    if foreign:
+        raise ConfigError(f"{type(model).__name__}.blocks() returns modules the forward pass never calls (block "
+                          f"{foreign[0]}: {type(blocks[foreign[0]]).__name__}); adopt_blocks(model) puts slices of "
+                          "an nn.Sequential in place (run_diagnostics does it on its copy)")
     return blocks
+
+
+def adopt_blocks(model: nn.Module) -> nn.Module:
+    """Make every block that ``model.blocks()`` returns a module the forward pass calls; returns ``model``.
+
+    A ``blocks()`` may build new containers, e.g. slices of an ``nn.Sequential``
+    (``[self.features[0:3], self.features[3:6]]``): hooks on a slice never fire, because the forward
+    calls the sliced children directly. Each slice is put inside its parent ``nn.Sequential`` in
+    place of the children it holds (the same computation), and ``model.blocks`` is pinned to the
+    adopted list, since slicing the rewritten parent again would cut elsewhere. Modifies ``model``:
+    use it on a copy. A new block that is not a slice of consecutive children raises ConfigError.
+    """
+    fn = getattr(model, "blocks", None)
+    if not callable(fn):
+        return model
+    blocks = list(fn())
+    own = {id(m) for m in model.modules()}
+    if all(id(b) in own for b in blocks):
+        return model
+    parent_of = {id(c): (m, k) for m in model.modules() if isinstance(m, nn.Sequential) for k, c in m._modules.items()}
+    for i, b in enumerate(blocks):
+        if id(b) in own:
+            continue
+        where = [parent_of.get(id(c)) for c in b.children()] if isinstance(b, nn.Sequential) else []
+        parents = {id(w[0]) for w in where if w is not None}
+        keys = list(where[0][0]._modules) if where and where[0] is not None else []
+        idx = [keys.index(w[1]) for w in where] if len(parents) == 1 and None not in where else []
+        if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
+            raise ConfigError(f"{type(model).__name__}.blocks()[{i}] is a new {type(b).__name__} that the forward "
+                              "pass never calls and not a slice of consecutive children of an nn.Sequential of "
+                              "the model; return the model's own modules")
+        parent = where[0][0]
+        items = list(parent._modules.items())
+        parent._modules.clear()
+        for k, m in items[:idx[0]] + [(keys[idx[0]], b)] + items[idx[-1] + 1:]:
+            parent._modules[k] = m
+        parent_of[id(b)] = (parent, keys[idx[0]])
+        own.add(id(b))
+    model.blocks = lambda: list(blocks)  # an instance attribute: this copy's blocks, fixed
+    return model
 
 
 def _is_activation(m: nn.Module) -> bool:
@@ -70,7 +124,7 @@ def is_weight_layer(m: nn.Module) -> bool:
 def _shortcut_ids(model: nn.Module) -> set[int]:
     """ids of every module inside a block's ``shortcut``."""
     ids: set[int] = set()
-    for b in get_blocks(model):
+    for b in get_blocks(model, required=False):
         sc = getattr(b, "shortcut", None)
         if isinstance(sc, nn.Module):
             ids.update(id(m) for m in sc.modules())
@@ -94,11 +148,14 @@ def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def resolve_probe_mode(model: nn.Module, mode: str) -> str:
-    """``"auto"`` -> ``"layers"`` for the registered ``plain`` family, else ``"blocks"``."""
+    """``"auto"`` -> ``"layers"`` for the registered ``plain`` family and for models without blocks
+    (no ``blocks()``, not an ``nn.Sequential``), else ``"blocks"``."""
     if mode not in PROBE_MODES:
         raise ConfigError(f"unknown probe mode {mode!r}; choose one of {', '.join(PROBE_MODES)}")
     if mode != "auto":
         return mode
+    if not get_blocks(model, required=False):
+        return "layers"
     name = getattr(model, "pnnh_name", None)
     if name is not None:
         from ..models import is_model, model_info
@@ -238,7 +295,8 @@ class ProbeTap:
     def __enter__(self) -> "ProbeTap":
         names = {id(m): n for n, m in self.model.named_modules()}
         skip = _shortcut_ids(self.model)
-        blocks = list({id(b): b for b in get_blocks(self.model)}.values())  # a shared block is hooked once
+        blocks = get_blocks(self.model, required=self.mode == "blocks" and self.reduce is not None)
+        blocks = list({id(b): b for b in blocks}.values())  # a shared block is hooked once
         hooks = self._handles
         for m in self.model.modules():
             if is_weight_layer(m) and id(m) not in skip:

@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models import create_model, model_info
+from ..models import create_model, is_factory_spec, load_factory, model_info
 from .fuse import deploy, unfused_kernels
 from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
@@ -106,6 +106,8 @@ class BenchConfig:
             ms = parse_spec(spec, self)
             if is_external(ms.name):
                 check_external(ms.name, self.in_chans)
+            elif is_factory_spec(ms.name):
+                load_factory(ms.name)  # a missing file or factory fails here
             else:
                 model_info(ms.name)  # unknown names fail here, with close matches
             if ms.fused and self.mode != "infer":
@@ -141,6 +143,8 @@ def parse_spec(spec: str, cfg: "BenchConfig | None" = None) -> ModelSpec:
     parts = [p.strip() for p in spec.strip().split(":")]
     if parts[0] in EXTERNAL_LIBRARIES and len(parts) > 1:  # timm:resnet50 is one name
         parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]
+    elif len(parts) > 1 and is_factory_spec(f"{parts[0]}:{parts[1]}") and parts[1] not in SPEC_OPTIONS:
+        parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]  # path/to/file.py:factory, then the options
     name, *opts = parts
     kwargs = tuple(parse_kv(tuple(o for o in opts if "=" in o), f"model spec {spec!r}").items())
     opts = [o for o in opts if "=" not in o]
@@ -447,6 +451,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     if input_size is None:
         ms0 = parse_spec(cfg.models[0])
         first = build_bench_model(ms0, cfg, None)
+        if not is_external(ms0.name) and not hasattr(first, "default_cfg"):
+            raise ConfigError(f"{ms0.name} records no default_cfg['input_size']; give --input-size")
         input_size = (_external_input_size(first) if is_external(ms0.name)
                       else int(first.default_cfg["input_size"][-1]))
         del first

@@ -18,8 +18,9 @@ def _parse_kv(items):
 @click.option("--models", "model_list", required=True,
               help="Comma-separated NAME[:fused][:channels_last][:compile][:bf16|:fp16][:key=value...]; options "
                    "after a name apply to that model only (fused = pnnh.deploy, inference; key=value = a model "
-                   "option), e.g. plain56,plain56:fused or pnnh56,pnnh56:path_param=init. timm:ARCH and "
-                   "torchvision:ARCH are those libraries' models, e.g. resnet50,timm:resnet50.")
+                   "option), e.g. plain56,plain56:fused or pnnh56,pnnh56:path_param=init. NAME is a registered "
+                   "model, your own as path/to/file.py:factory, or timm:ARCH / torchvision:ARCH (those "
+                   "libraries' models, e.g. resnet50,timm:resnet50).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--input-size", type=int, help="Image height = width [the first model's default_cfg].")
 @click.option("--in-chans", type=int, default=1, show_default=True, help="Input channels (3 for CIFAR/ImageNet).")
@@ -62,7 +63,8 @@ def bench_cmd(model_list, model_kwarg, no_memory, no_peak, as_json, out, compile
 
 
 @click.command("export")
-@click.option("--model", "model_name", help="Registered model name [from the checkpoint's metadata].")
+@click.option("--model", "model_name", help="Registered model name, or your own as path/to/file.py:factory "
+              "[from the checkpoint's metadata].")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="A pnnh checkpoint or weights file (safetensors) to load.")
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import PnnhError
+from ..errors import ConfigError, PnnhError
 from .fuse import deploy
 
 __all__ = ["export_onnx", "ExportError", "onnxruntime_available"]
@@ -38,7 +38,15 @@ def onnxruntime_available() -> bool:
 
 
 def _input_shape(model: nn.Module, input_size: int | None) -> tuple[int, int, int]:
-    c, h, w = getattr(model, "default_cfg", {}).get("input_size", (getattr(model, "in_chans", 3), 224, 224))
+    """(C, H, W) from ``default_cfg``; for another module, its first conv's input channels and ``input_size``."""
+    shape = getattr(model, "default_cfg", {}).get("input_size")
+    if shape is None:
+        if input_size is None:
+            raise ConfigError(f"{type(model).__name__} records no default_cfg['input_size']: give the input size "
+                              "(--input-size)")
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        shape = (getattr(model, "in_chans", None) or (conv.in_channels if conv is not None else 3), input_size, input_size)
+    c, h, w = shape
     if input_size is not None:
         h = w = input_size
     return int(c), int(h), int(w)

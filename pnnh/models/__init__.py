@@ -1,6 +1,7 @@
 """Model families. Importing this package registers every model."""
 
-from ._registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
+from ._registry import (ModelInfo, create_model, is_factory_spec, is_model, list_models, load_factory, model_info,
+                        model_label, model_slug, register_model)
 from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
 from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, resnext*, highway*, se_resnet* ...)
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
@@ -9,4 +10,4 @@ from .resnet import ResNet
 from .timm_registry import register_timm_models
 
 __all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet",
-           "register_timm_models"]
+           "register_timm_models", "is_factory_spec", "load_factory", "model_label", "model_slug"]

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +26,7 @@ import torch.nn as nn
 from ..errors import ConfigError, ModelNotFoundError, PnnhError
 
 __all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info",
-           "ModelInfo", "is_model"]
+           "ModelInfo", "is_model", "is_factory_spec", "load_factory", "model_label", "model_slug"]
 
 
 @dataclass(frozen=True)
@@ -137,16 +143,117 @@ def _options(kwargs: dict[str, Any]) -> str:
     return text if len(text) <= 120 else text[:120] + "..."
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
-    """Build a registered model.
+def is_factory_spec(name: str) -> bool:
+    """Whether ``name`` names a user factory: ``path/to/file.py:factory`` or ``package.module:factory``
+    (and is not a registered model)."""
+    if not isinstance(name, str) or name in _MODELS or name.count(":") != 1:
+        return False
+    where, fn = name.split(":")
+    return bool(where) and where not in _MODELS and fn.isidentifier()
+
+
+_LOADED: dict[Path, Any] = {}  # model files already executed, by resolved path
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable that ``spec`` (``path/to/file.py:factory`` or ``package.module:factory``) names.
+
+    A ``.py`` path (or one with a ``/``) is executed as a module once per process; anything else is
+    imported. Raises :class:`ConfigError` naming what is missing.
+    """
+    if not is_factory_spec(spec):
+        raise ConfigError(f"model {spec!r} is neither a registered name nor 'path/to/file.py:factory' / "
+                          "'package.module:factory'")
+    where, fn_name = spec.split(":")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"model file not found: {where}")
+        module = _LOADED.get(path)
+        if module is None:
+            mod_name = "pnnh_user_" + re.sub(r"\W", "_", path.stem)
+            loader = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[mod_name] = module  # dataclasses and pickling look their module up here
+            loader.loader.exec_module(module)
+            _LOADED[path] = module
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"cannot import {where!r} for model {spec!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"{where} has no callable {fn_name!r}" + (f"; it defines {', '.join(found)}" if found else ""))
+    return fn
+
+
+def model_label(model: Any) -> str:
+    """A short string naming a model given as a name, a factory or a module (for configs, logs, files)."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, nn.Module):
+        return getattr(model, "pnnh_name", None) or f"{type(model).__module__}.{type(model).__qualname__}"
+    return f"{getattr(model, '__module__', '?')}:{getattr(model, '__qualname__', type(model).__name__)}"
+
+
+def model_slug(model: Any) -> str:
+    """:func:`model_label` made safe as one directory name (``models/net.py:build`` -> ``net-build``)."""
+    label = model_label(model)
+    if isinstance(model, str) and is_factory_spec(model):
+        where, fn = model.split(":")
+        label = f"{Path(where).stem if where.endswith('.py') else where}-{fn}"
+    return re.sub(r"[^\w.+-]", "_", label)
+
+
+def _call_factory(fn: Callable[..., nn.Module], label: str, standard: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """``fn(**standard, **kwargs)``, passing the standard arguments (num_classes, in_chans, img_size)
+    only where ``fn`` takes them; a user option it does not take is a :class:`ConfigError`."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    args = {k: v for k, v in standard.items() if takes_any or k in params}
+    try:
+        model = fn(**args, **kwargs)
+    except TypeError as e:
+        msg = str(e)
+        if "unexpected keyword argument" in msg or "got an unexpected" in msg or "missing" in msg:
+            raise ConfigError(f"model {label!r} does not take those options: {msg}") from None
+        raise
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {label!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def create_model(name: str | Callable[..., nn.Module], num_classes: int = 10, in_chans: int = 1,
+                 **kwargs: Any) -> nn.Module:
+    """Build a registered model, or the user's own.
 
     Args:
-        name: registered name, e.g. ``"resnet56"``, ``"plain110"``, ``"pnnh56"``.
+        name: registered name, e.g. ``"resnet56"``, ``"plain110"``, ``"pnnh56"``; or a user factory
+            as ``"path/to/file.py:factory"``, ``"package.module:factory"`` or the callable itself. A
+            factory receives ``num_classes``, ``in_chans`` and ``img_size`` where its signature
+            takes them, and every other option as given.
         num_classes: classifier outputs (10 for Fashion-MNIST / CIFAR-10).
         in_chans: input channels (1 for Fashion-MNIST, 3 for CIFAR / ImageNet).
         **kwargs: family options (``width``, ``init``, ``img_size`` ...). An option the
             family does not take raises :class:`~pnnh.errors.ConfigError`.
     """
+    if callable(name) or is_factory_spec(name):
+        fn = name if callable(name) else load_factory(name)
+        standard = {"num_classes": num_classes, "in_chans": in_chans}
+        if "img_size" in kwargs:
+            standard["img_size"] = kwargs.pop("img_size")
+        model = _call_factory(fn, model_label(name), standard, kwargs)
+        label = model_label(name)
+        if isinstance(name, str):  # a spec a checkpoint can name again; a callable's label cannot rebuild it
+            model.pnnh_name = label
+            model.pnnh_kwargs = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return model
     info = model_info(name)
     try:
         model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -7,8 +7,9 @@ import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
+import torch.nn as nn
 import yaml
 
 from ..errors import ConfigError
@@ -24,8 +25,9 @@ PRECISE_BN_IMAGES = 2048
 class TrainConfig:
     """Everything that defines a training run. CLI flags and YAML files fill this in."""
 
-    # what
-    model: str = "resnet20"
+    # what: a registered name, "path/to/file.py:factory", "package.module:factory", a factory
+    # (called as create_model calls it) or an nn.Module (trained in place)
+    model: Union[str, nn.Module, Callable[..., nn.Module]] = "resnet20"
     model_kwargs: dict = field(default_factory=dict)
     data: str = "fashion-mnist"
     data_dir: str | None = None
@@ -76,7 +78,13 @@ class TrainConfig:
         """Check types and ranges; raise ConfigError naming the field."""
         hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
+            if f.name != "model":
+                _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if not (isinstance(self.model, (str, nn.Module)) or callable(self.model)):
+            raise ConfigError("model must be a registered name, 'path/to/file.py:factory', an nn.Module or a "
+                              f"factory returning one, got {type(self.model).__name__}")
+        if isinstance(self.model, nn.Module) and self.model_kwargs:
+            raise ConfigError("model_kwargs apply when the engine builds the model; an nn.Module is already built")
         bad_keys = [k for k in self.model_kwargs if not isinstance(k, str) or not k.isidentifier()]
         if bad_keys:
             raise ConfigError(f"model_kwargs: option names are identifiers, got {_short(bad_keys[0])}")
@@ -133,8 +141,17 @@ class TrainConfig:
             return self.warmup
         return {"onecycle": 0.25, "cosine": 0.05, "constant": 0.0}[self.schedule]
 
+    @property
+    def model_name(self) -> str:
+        """The model as a string: the name or spec given, or a label for a module or factory."""
+        from ..models import model_label
+
+        return model_label(self.model)
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """JSON-ready fields; a module or factory given as ``model`` appears as :attr:`model_name`."""
+        d = asdict(dataclasses.replace(self, model=""))  # asdict would deep-copy a module
+        d["model"] = self.model_name
         d["betas"] = list(self.betas)
         return d
 

@@ -264,10 +264,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
-    model_kwargs = dict(cfg.model_kwargs)
-    model_kwargs.setdefault("img_size", train_ds.img_size)
-    model = models.create_model(cfg.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans, **model_kwargs)
-    _check_input_size(model, train_ds)
+    model = _build_model(cfg, train_ds)
     if cfg.sync_bn and world > 1:  # BatchNorm statistics over the global batch, not each rank's slice
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -277,7 +274,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     n_params = sum(p.numel() for p in model.parameters())
 
     # resume
-    step, curve, clock, wall_before, epoch_sums = 0, [], _Clock(), 0.0, None
+    step, curve, clock, wall_before, epoch_sums, scaler_state = 0, [], _Clock(), 0.0, None, None
     ckpt = out / CKPT_NAME if out else None
     if resume and ckpt is not None and ckpt.exists():
         saved = read_state(ckpt)
@@ -290,6 +287,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         clock = _Clock(state["train_seconds"], state["train_images"])
         # set when the checkpoint was taken mid-epoch: sums over all ranks, so rank 0 carries them
         epoch_sums = state.get("epoch_sums") if is_main else None
+        scaler_state = state.get("scaler")
         if is_main:
             print(f"resuming {ckpt} at step {step} of {total_steps}", file=sys.stderr, flush=True)
     if is_main and out is not None:  # drop metric lines written after the checkpoint (all, when none)
@@ -297,6 +295,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     wrapped = dist_utils.wrap_model(model, device)
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if scaler_state:  # the loss scale and its growth counter: fp16 resumes exactly
+        scaler.load_state_dict(scaler_state)
 
     def save(sums: torch.Tensor | None) -> None:
         if ckpt is not None:  # a write failing on rank 0 (disk full) stops every rank with it
@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
             "train_images": clock.images, "wall_seconds": wall_before + time.time() - session_start,
             "epoch_sums": None if sums is None else sums.tolist(), "world_size": world,
-            "elastic_run_id": dist_utils.elastic_run_id()})
+            "elastic_run_id": dist_utils.elastic_run_id(), "scaler": scaler.state_dict() or None})
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         msg = f"training diverged: {what}; last finite loss {last_finite:.4g}. "
         msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
         if is_main and out is not None:
-            _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model, "step": step})
+            _write_summary(out, {"status": "diverged", "error": msg, "model": cfg.model_name, "step": step})
         raise DivergenceError(msg)
 
     def check_finite() -> None:
@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
         test = evaluate(model, test_loader, device, amp_dtype)
 
     summary = {
-        "status": "complete", "model": cfg.model, "model_kwargs": cfg.model_kwargs, "data": cfg.data,
+        "status": "complete", "model": cfg.model_name, "model_kwargs": cfg.model_kwargs, "data": cfg.data,
         "params": n_params, "test_acc": test["acc"], "test_loss": test["loss"],
         "train_img_per_s": clock.images / max(clock.seconds, 1e-9), "train_seconds": clock.seconds,
         "epochs": total_steps / steps_per_epoch, "steps": total_steps, "batch_size": cfg.batch_size,
@@ -530,16 +530,31 @@ def _non_finite_entry(model: nn.Module) -> str | None:
     return None
 
 
-def _check_input_size(model: nn.Module, ds) -> None:
-    """Fail early, clearly, on an image size the model cannot take."""
+def _build_model(cfg: TrainConfig, ds) -> nn.Module:
+    """The model ``cfg.model`` names (built for ``ds``), or the module it holds; checked on ``ds``'s images."""
+    if isinstance(cfg.model, nn.Module):
+        model = cfg.model
+    else:
+        kwargs = dict(cfg.model_kwargs)
+        kwargs.setdefault("img_size", ds.img_size)
+        model = models.create_model(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans, **kwargs)
+    _check_input_size(model, ds, cfg.model_name)
+    return model
+
+
+def _check_input_size(model: nn.Module, ds, name: str) -> None:
+    """Fail early, clearly, on an image size the model cannot take or a wrong number of outputs."""
     try:
         with torch.no_grad():
             model.eval()
-            model(torch.zeros(2, ds.in_chans, *ds.images.shape[-2:]))
+            out = model(torch.zeros(2, ds.in_chans, *ds.images.shape[-2:]))
             model.train()
     except RuntimeError as e:
-        raise ConfigError(f"model {getattr(model, 'pnnh_name', '?')} cannot take {ds.name} images of size "
+        raise ConfigError(f"model {name} cannot take {ds.name} images of size "
                           f"{tuple(ds.images.shape[1:])}: {str(e).splitlines()[0]}") from None
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] != ds.num_classes:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"model {name} must return (batch, {ds.num_classes}) logits for {ds.name}, got {got}")
 
 
 def _progress(cfg: TrainConfig, is_main: bool, total: int, initial: int):
@@ -547,4 +562,4 @@ def _progress(cfg: TrainConfig, is_main: bool, total: int, initial: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=cfg.model, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, desc=cfg.model_name, unit="step", dynamic_ncols=True, leave=True)

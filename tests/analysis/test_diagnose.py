@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pnnh
-from pnnh.analysis import plot_comparison, plot_diagnostics, run_diagnostics, summarize
+from pnnh.analysis import diagnose, plot_comparison, plot_diagnostics, summarize
 from pnnh.analysis.diagnose import load_images
 from pnnh.cli import main
 from pnnh.train.checkpoint import save_weights
@@ -28,8 +28,8 @@ def results(images):
     out = {}
     for name in ("plain20", "resnet20"):
         torch.manual_seed(0)
-        out[name] = run_diagnostics(pnnh.create_model(name, width=0.5), x, y, grad_lines=2, grad_points=6,
-                                    grad_max_probes=4, theory_depth=3, n_shuffles=6)
+        out[name] = diagnose(pnnh.create_model(name, width=0.5), x, y, grad_lines=2, grad_points=6,
+                             grad_max_probes=4, theory_depth=3, n_shuffles=6)
     return out
 
 
@@ -64,7 +64,7 @@ def test_model_is_not_modified(images):
     x, y = images
     m = pnnh.create_model("resnet20", width=0.25)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    run_diagnostics(m, x[:32], y[:32], gradients=False, theory=False, lesion=True)
+    diagnose(m, x[:32], y[:32], gradients=False, theory=False, lesion=True)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert m.training  # a fresh model's mode is left as it was
 
@@ -75,7 +75,7 @@ def test_generic_sequential_model(images):
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU()),
                                 *[torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                                                       torch.nn.ReLU()) for _ in range(3)])
-    r = run_diagnostics(model, x[:48], None, n_shuffles=4, grad_lines=2, grad_points=4, theory=False)
+    r = diagnose(model, x[:48], None, n_shuffles=4, grad_lines=2, grad_points=4, theory=False)
     assert [p["depth"] for p in r["dissipation"]["probes"]] == [0, 1, 2, 3, 4]
     assert r["lesion"]["skipped"] == "no labels"
 
@@ -117,11 +117,11 @@ def test_lesion_runs_by_default_only_for_trained_models(images):
     x, y = images
     kw = dict(gradients=False, theory=False, n_shuffles=2)
     m = pnnh.create_model("resnet20", width=0.25)
-    r = run_diagnostics(m, x[:32], y[:32], norm_stats="running", **kw)  # forcing running stats is not training
+    r = diagnose(m, x[:32], y[:32], norm_stats="running", **kw)  # forcing running stats is not training
     assert r["norm_stats"] == "running" and "skipped" in r["lesion"]
     m.train()
     with torch.no_grad():
         m(x[:64])  # moves the BatchNorm running statistics, as training does
-    r = run_diagnostics(m, x[:32], y[:32], **kw)
+    r = diagnose(m, x[:32], y[:32], **kw)
     assert r["norm_stats"] == "running" and len(r["lesion"]["delete"]) == 9
     assert 0 <= r["lesion"]["baseline"] <= 1

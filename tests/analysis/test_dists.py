@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import pnnh
-from pnnh.analysis import run_diagnostics
+from pnnh.analysis import diagnose
 from pnnh.analysis.dists import DISTS, DISTS_CHANNELS, load_dists, to_gray_image
 from pnnh.errors import ConfigError
 
@@ -51,9 +51,9 @@ def test_load_and_distance_properties(weight_files):
 def test_dists_metric_in_run_diagnostics(weight_files):
     vgg, w, _ = weight_files
     x = torch.randn(24, 1, 28, 28)
-    r = run_diagnostics(pnnh.create_model("resnet20", width=0.25), x, None, dists=load_dists(vgg, w),
-                        dists_images=8, dists_size=32, dists_max_probes=2, gradients=False, theory=False,
-                        n_shuffles=3)
+    r = diagnose(pnnh.create_model("resnet20", width=0.25), x, None, dists=load_dists(vgg, w),
+             dists_images=8, dists_size=32, dists_max_probes=2, gradients=False, theory=False,
+             n_shuffles=3)
     m = r["dissipation"]["metrics"]["dists_similarity"]
     assert len(m["value"]) == 2 and len(m["probes"]) == 2 and m["probes"][-1]["depth"] == 19
 

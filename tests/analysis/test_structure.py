@@ -47,19 +47,37 @@ def test_plain_and_pnnh_models_have_no_residual_connection(name):
     assert find_residual_connections(m) == []
 
 
-@pytest.mark.parametrize("coder", ["tied", "shared"])
-def test_every_coder_variant_is_plain(coder):
-    assert is_plain(pnnh.create_model("pnnh20", coder=coder), torch.randn(2, 1, 28, 28))
-    assert is_plain(pnnh.create_model("pnnh164", coder=coder, width=0.25))
+def test_mirror_and_shared_coders_are_plain():
+    for coder in ("mirror", "shared"):
+        assert is_plain(pnnh.create_model("pnnh20", coder=coder), torch.randn(2, 1, 28, 28)), coder
+        assert is_plain(pnnh.create_model("pnnh164", coder=coder, width=0.25)), coder
+
+
+def test_tied_coder_is_reported_as_a_projection_shaped_sum():
+    # W_l x + E^T relu(BN(E x)): one conv summed with a two-conv branch of the same input
+    found = find_residual_connections(pnnh.create_model("pnnh20", coder="tied"))
+    assert len(found) == 18 and all((f.shortcut_layers, f.branch_layers) == (1, 2) for f in found)
 
 
 @pytest.mark.parametrize("name", RESIDUAL)
-def test_every_resnet_fails(name):
-    found = find_residual_connections(pnnh.create_model(name))
-    assert found, name
-    n_blocks = len(pnnh.create_model(name).blocks())
-    # identity (and option-A) shortcuts are found; projection shortcuts have parameters on both sides
-    assert len(found) >= n_blocks - 4
+def test_every_resnet_fails_at_every_block(name):
+    m = pnnh.create_model(name)
+    found = find_residual_connections(m)
+    assert len(found) == len(m.blocks()), name  # identity, option-A and projection shortcuts alike
+
+
+def _catalogue() -> list[str]:
+    fams = ("wrn", "resnext", "highway", "se_resnet", "multires", "scaled_resnet", "demystify", "shared_resnet",
+            "droppath_resnet")
+    return [min(list_models(family=f), key=lambda n: model_info(n).depth) for f in fams]
+
+
+@pytest.mark.parametrize("name", _catalogue())
+def test_every_catalogue_model_fails_at_every_block(name):
+    m = pnnh.create_model(name)
+    found = find_residual_connections(m)
+    per_block = 2 if model_info(name).family == "highway" else 1  # T H + (1 - T) x: the product carries x too
+    assert len(found) == per_block * len(m.blocks()), name
 
 
 def test_every_cifar_resnet20_block_is_found_with_shapes():
@@ -75,7 +93,15 @@ class _Net(nn.Module):
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
         self.gate = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.proj = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
         self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.alpha = nn.Parameter(torch.ones(1, 4, 1, 1))
+        self.register_buffer("ones", torch.ones(1, 4, 1, 1))  # fixed tensors: no parameter
+        self.register_buffer("eye", torch.eye(4).view(4, 4, 1, 1))
+        self.fc = nn.Linear(12, 4)
+        self.enc = nn.Linear(4, 4)
 
     def forward(self, x):
         x = F.relu(self.conv(x))
@@ -91,21 +117,103 @@ class _Net(nn.Module):
             return t * self.conv2(x) + (1 - t) * x
         if k == "functional":
             return F.conv2d(x, self.w, padding=1).add(x)
+        if k == "buffer_scale":  # x * a fixed buffer is x
+            return self.conv2(x) + x * self.ones
+        if k == "buffer_conv":  # a 1x1 conv with a fixed identity kernel is x
+            return self.conv2(x) + F.conv2d(x, self.eye)
+        if k == "eye_in_forward":
+            return self.conv2(x) + F.conv2d(x, torch.eye(4).view(4, 4, 1, 1))
+        if k == "lerp":
+            return torch.lerp(x, self.conv2(x), 0.5)
+        if k == "addcmul":
+            return torch.addcmul(x, torch.sigmoid(self.gate(x)), self.conv2(x))
+        if k == "where":
+            return torch.where(x > 1, x, self.conv2(x))
+        if k == "mul_of_sum":  # x (1 + f(x)) = x + x f(x)
+            return x * (1 + self.conv2(x))
+        if k == "stack_sum":
+            return torch.stack([x, self.conv2(x)]).sum(0)
+        if k == "cat_then_add":
+            y = torch.cat([x, self.conv2(x)], 1)
+            return y[:, :4] + y[:, 4:]
+        if k == "stack_sum_projection":  # a summed stack is an addition: projection beside the branch
+            return torch.stack([self.proj(x), self.bn2(self.conv2(F.relu(self.bn(self.gate(x)))))]).sum(0)
+        if k == "cat_then_add_projection":
+            y = torch.cat([self.proj(x), self.bn2(self.conv2(F.relu(self.bn(self.gate(x)))))], 1)
+            return y[:, :4] + y[:, 4:]
+        if k == "learned_gain":  # SkipInit / ReZero style: a learned scalar is no weighted layer
+            return self.alpha * x + self.conv2(x)
+        if k == "projection_bn":  # torchvision's downsample: conv1x1 + BN beside conv-BN-ReLU-conv-BN
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn(self.gate(x))))) + self.proj(x))
         if k == "crelu":
             return F.relu(torch.cat([x, -x[:, 2:]], 1))
-        if k == "projection":
+        if k == "inception":  # two parallel branches of equal depth: nothing skipped
             return self.conv2(x) + self.gate(x)
+        if k == "gating":  # squeeze-excitation-like: x scaled by a function of itself
+            return x * torch.sigmoid(self.gate(x))
+        if k == "pnnh_vit_like":  # [learner(x) ; relu(E x) ; relu(-E x)] read by one linear layer
+            t = x.flatten(2).transpose(1, 2)
+            e = self.enc(t)
+            return self.fc(torch.cat([self.enc(torch.tanh(self.enc(t))), F.relu(e), F.relu(-e)], -1))
         if k == "weight_level_identity":  # DiracNet-style: identity folded into the weight, not a shortcut
             w = self.w + torch.cat([self.w[:, :2], self.w[:, 2:]], 1)
             return F.conv2d(x, w, padding=1)
         raise ValueError(k)
 
 
-@pytest.mark.parametrize("kind,residual", [
-    ("identity", True), ("scaled_sub", True), ("dense", True), ("highway", True), ("functional", True),
-    ("crelu", False), ("projection", False), ("weight_level_identity", False)])
-def test_detector_on_handmade_graphs(kind, residual):
-    assert bool(find_residual_connections(_Net(kind))) is residual
+SHORTCUTS = ["identity", "scaled_sub", "dense", "highway", "functional", "buffer_scale", "buffer_conv",
+             "eye_in_forward", "lerp", "addcmul", "where", "mul_of_sum", "stack_sum", "cat_then_add", "projection_bn",
+             "stack_sum_projection", "cat_then_add_projection", "learned_gain"]
+NOT_SHORTCUTS = ["crelu", "inception", "gating", "pnnh_vit_like", "weight_level_identity"]
+
+
+@pytest.mark.parametrize("kind", SHORTCUTS)
+def test_detector_finds_each_shape_of_shortcut(kind):
+    found = find_residual_connections(_Net(kind), torch.randn(2, 4, 6, 6))
+    assert found, kind
+    assert all(f.shortcut_layers < f.branch_layers for f in found)
+
+
+@pytest.mark.parametrize("kind", NOT_SHORTCUTS)
+def test_detector_passes_merges_that_skip_nothing(kind):
+    assert find_residual_connections(_Net(kind), torch.randn(2, 4, 6, 6)) == []
+
+
+def test_projection_shortcut_names_the_shorter_path():
+    (f,) = find_residual_connections(_Net("projection_bn"))
+    assert (f.shortcut_layers, f.branch_layers) == (1, 2) and f.shortcut_operand.startswith("proj")
+
+
+class _TorchvisionBasicBlock(nn.Module):
+    """torchvision's BasicBlock, as written there: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))``."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+def test_a_resnet_of_projection_blocks_only_is_not_plain():
+    net = nn.Sequential(_TorchvisionBasicBlock(3, 8), _TorchvisionBasicBlock(8, 16, 2), _TorchvisionBasicBlock(16, 16))
+    found = find_residual_connections(net, torch.randn(2, 3, 16, 16))
+    assert len(found) == 3
+    assert {f.shape for f in found} == {(2, 8, 16, 16), (2, 16, 8, 8)}
 
 
 @pytest.mark.parametrize("name", ["plain_vit_mini_d6", "pnnh_vit_mini_d6", "plain_vit_tiny_d12", "pnnh_vit_tiny_d12"])

@@ -73,3 +73,26 @@ def test_missing_onnxruntime_gives_the_install_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "onnxruntime_available", lambda: False)
     with pytest.raises(ExportError, match=r"pnnh\[export\]"):
         export_onnx(_trained_like("plain20"), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("name,kw", [("pnnh20", {}), ("pnnh20", {"path_param": "init"}), ("llplain20", {}),
+                                     ("pnnh_vit_mini_d6", {"embed_dim": 24, "num_heads": 2}),
+                                     ("plain_vit_mini_d6", {"embed_dim": 24, "num_heads": 2})])
+def test_pnnh_looks_linear_and_vit_models_export_with_parity(tmp_path, name, kw):
+    import onnx
+
+    model = pnnh.create_model(name, **kw).eval() if "vit" in name else _trained_like(name, **kw)
+    with torch.no_grad():  # a classifier of trained size (small inits give outputs near zero)
+        model.get_classifier().weight.normal_()
+        model.get_classifier().bias.normal_()
+    info = export_onnx(model, tmp_path / "m.onnx")
+    assert info["checked"] and info["max_abs_diff"] < 1e-4
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    if "vit" not in name:  # deployed: BN folded, no residual add, a conv chain
+        assert "BatchNormalization" not in ops and "Add" not in ops and "Conv" in ops
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_onnx(tmp_path / "m.onnx", x.numpy())
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert np.abs(ref).max() > 1e-2  # outputs of real size, so the tolerance means something
