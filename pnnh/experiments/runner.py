@@ -74,6 +74,9 @@ class Progress:
             self.spent_cost += self.cost[run_id]
 
     def eta(self) -> float:
+        n = len(self.pending) + len(self.started)
+        if not n:
+            return 0.0
         if not self.spent_cost:
             return math.nan
         rate = self.spent_s / self.spent_cost
@@ -82,8 +85,7 @@ class Progress:
                   if self.state.get(r) == "running"]
         active += [rate * self.cost[r] for r in self.started if self.state.get(r) != "running"]
         left = sum(rate * self.cost[r] for r in self.pending) + sum(active)
-        n = len(self.pending) + len(self.started)
-        return left / max(1, min(self.slots, n)) if n else 0.0
+        return left / max(1, min(self.slots, n))
 
     def line(self) -> str:
         running = sum(s == "running" for s in self.state.values())
@@ -156,6 +158,7 @@ def run_grid(grid: Grid, launcher: Any, *, log: Callable[[str], None] = print,
                     progress.state[r.run_id] = "queued"
                 for r, h in zip(batch, launcher.submit(batch, grid.marker)):
                     active[r.run_id] = (r, h, partial[r.run_id])
+                    progress.state[r.run_id] = h.state()
             for rid, (run, handle, resumed) in list(active.items()):
                 state = handle.state()
                 if state != "ended":
