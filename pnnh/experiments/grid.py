@@ -19,7 +19,17 @@ from ..errors import ConfigError
 
 __all__ = ["Run", "Grid", "CONFIG_DIR", "load_yaml", "run_cost"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+def _config_dir() -> Path:
+    """``configs/`` of the source tree (editable install), else the copy a wheel installs under
+    ``<prefix>/share/pnnh/configs``."""
+    import sys
+
+    tree = Path(__file__).resolve().parents[2] / "configs"
+    installed = Path(sys.prefix) / "share" / "pnnh" / "configs"
+    return tree if tree.is_dir() or not installed.is_dir() else installed
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass
