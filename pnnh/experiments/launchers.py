@@ -136,10 +136,8 @@ class LocalProcesses:
         return f"{self.slots} worker processes of {self.threads} thread{'s' if self.threads > 1 else ''}"
 
     def submit(self, runs: list[Run], marker: str | None) -> list[_Process]:
-        import pnnh
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        root = str(Path(pnnh.__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding this pnnh package
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads),
                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         handles = []
