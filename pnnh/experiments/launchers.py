@@ -22,10 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PnnhError
 from .grid import Run
 
-__all__ = ["LaunchOptions", "InProcess", "LocalProcesses", "SlurmJobs", "make_launcher", "usable_cores"]
+__all__ = ["LaunchOptions", "LaunchError", "InProcess", "LocalProcesses", "SlurmJobs", "make_launcher",
+           "usable_cores"]
+
+
+class LaunchError(PnnhError):
+    """Runs could not be handed to the scheduler (``sbatch`` refused them)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -245,7 +252,12 @@ class SlurmJobs:
     def submit(self, runs: list[Run], marker: str | None) -> list[_Job]:
         from .worker import execute
 
-        jobs = self.executor.map_array(execute, [_spec(r, marker, self.threads) for r in runs])
+        try:
+            jobs = self.executor.map_array(execute, [_spec(r, marker, self.threads) for r in runs])
+        except Exception as e:  # noqa: BLE001 - submitit raises FailedJobError with sbatch's stderr
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise LaunchError(f"could not submit {len(runs)} run(s) to Slurm: {lines[-1] if lines else e} "
+                              "(is this a Slurm login node, with SLURM_CONF set where needed?)") from None
         return [_Job(j, self.queue) for j in jobs]
 
     def close(self, handles: list[_Job]) -> None:

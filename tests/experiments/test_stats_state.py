@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -87,3 +88,25 @@ def test_yaml_grid_files_and_costs(tmp_path):
     small = TrainConfig(model="resnet20", steps=10, model_kwargs={"width": 0.5})
     assert run_cost(TrainConfig(model="resnet56", steps=10)) > run_cost(TrainConfig(model="resnet20", steps=10))
     assert run_cost(small) == pytest.approx(run_cost(TrainConfig(model="resnet20", steps=10)) / 4)
+
+
+def test_a_refused_slurm_submission_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from pnnh.cli import main
+
+    fake = tmp_path / "bin" / "sbatch"  # a scheduler that refuses the job, as sbatch does
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--launcher", "slurm", "--slurm-partition", "nope", "--families", "plain", "--depths", "8",
+              "--steps", "2", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: could not submit 1 run(s) to Slurm: sbatch: error: Batch job submission failed: Invalid partition "
+        "name specified (is this a Slurm login node, with SLURM_CONF set where needed?)")
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--jobs", "0", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2 and "error: jobs must be >= 1, got 0" in capsys.readouterr().err
