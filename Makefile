@@ -10,7 +10,7 @@ study: setup
 	$(BIN)/pnnh study --preset quick --out runs/study-quick
 
 test:
-	VENV=$(VENV) WITH_BROWSER=1 bash scripts/setup.sh
+	VENV=$(VENV) WITH_BROWSER=1 WITH_SLURM=1 bash scripts/setup.sh
 	$(BIN)/python -m pytest -q
 
 # The GPU check (docs/benchmarks.md): on a CUDA machine, within 8 minutes, into $(GPU_OUT)/gpu_check.{json,md}.

@@ -364,7 +364,7 @@ from .bench.cli import bench_cmd, export_cmd  # noqa: E402
 
 cli.add_command(bench_cmd)
 cli.add_command(export_cmd)
-from .bench.ablate import ablate_cmd  # noqa: E402
+from .report.ablate import ablate_cmd  # noqa: E402
 cli.add_command(ablate_cmd)
 from .report.cli import study_cmd  # noqa: E402
 

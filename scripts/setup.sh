@@ -3,7 +3,8 @@
 #   VENV=.venv (where to install)   TORCH_SPEC="torch==2.13.0" (CPU wheel on the project machines;
 #   any torch>=2.1 works for users: set TORCH_SPEC=torch to take your platform's default build)
 #   EXTRAS=test (pip extras of pnnh to install)   WITH_BROWSER=1 (also Debian's chromium, for the
-#   report's headless-browser test)
+#   report's headless-browser test)   WITH_SLURM=1 (also Debian's slurm-wlm and munge, for the test
+#   that runs a study on a one-node Slurm cluster: scripts/slurm_local.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +27,13 @@ if [ "${WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null && command -
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   echo "setup: installing Debian package chromium (for the report's browser test)"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# Debian's Slurm daemons and munge: the Slurm launcher's test starts a one-node cluster (`make test` sets WITH_SLURM=1).
+if [ "${WITH_SLURM:-0}" = 1 ] && ! { command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; } && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages slurm-wlm and munge (for the Slurm launcher's test)"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
 
 # 2. Virtual environment with torch first (so pip does not pick a multi-GB CUDA build), then pnnh.

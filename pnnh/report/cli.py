@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from ..errors import ConfigError
+from ..experiments.options import launch_options_from, launcher_options
 from ..utils import parse_kv
 
 __all__ = ["study_cmd"]
@@ -45,8 +47,9 @@ def _list_presets() -> None:
 
 
 @click.command("study")
-@click.option("--preset", type=click.Choice(["quick", "standard", "paper"]), default="quick", show_default=True,
-              help="quick: Fashion-MNIST, minutes on a CPU; standard: 3 seeds up to depth 110; paper: CIFAR recipe.")
+@click.option("--preset", default="quick", show_default=True,
+              help="quick: Fashion-MNIST, minutes on a CPU; standard: 3 seeds up to depth 110; paper: CIFAR recipe; "
+                   "or a YAML file with a preset's fields (configs/study/*.yaml).")
 @click.option("--families", help="Comma-separated families, e.g. plain,resnet,pnnh,plain_dirac [preset's].")
 @click.option("--depths", help="Comma-separated depths, e.g. 8,20,56,110 [preset's].")
 @click.option("--seeds", type=int, help="Number of seeds per (family, depth) [preset's].")
@@ -63,13 +66,15 @@ def _list_presets() -> None:
 @click.option("--threads", type=int, help="torch intra-op threads [all cores].")
 @click.option("--out", type=click.Path(file_okay=False), help="Study directory [runs/study-<preset>].")
 @click.option("--progress/--no-progress", default=None, help="Per-run progress bars [on a terminal].")
+@launcher_options
 @click.option("--list", "list_", is_flag=True, help="List presets and families, then exit.")
 def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, train_subset, test_subset, model_kwarg,
-              device, threads, out, progress, list_) -> None:
+              device, threads, out, progress, list_, **launch) -> None:
     """Train plain, residual and PNNH nets at several depths and write a report.
 
     Writes results.json, results.csv, report.md and a self-contained report.html to --out.
     Re-running the same command skips finished runs and resumes an interrupted one.
+    Runs execute one after another here, in --jobs worker processes, or as Slurm jobs (--launcher slurm).
     """
     from .study import plan_study, run_study
 
@@ -78,16 +83,18 @@ def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, tr
         return
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
+    launch_opts = launch_options_from(launch, threads)
     if progress is None:
-        progress = sys.stderr.isatty()
-    study = plan_study(preset, out=out or f"runs/study-{preset}", families=_split(families), depths=_depths(depths),
+        progress = sys.stderr.isatty() and launch_opts.launcher == "local" and launch_opts.jobs == 1
+    name = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+    study = plan_study(preset, out=out or f"runs/study-{name}", families=_split(families), depths=_depths(depths),
                        seeds=seeds, data=data, data_dir=data_dir, device=device, threads=threads,
                        train={"steps": steps, "epochs": epochs, "train_subset": train_subset,
                               "test_subset": test_subset},
                        model_kwargs=parse_kv(model_kwarg, "--model-kwarg"), progress=progress,
                        command="pnnh " + shlex.join(sys.argv[1:]))
     try:
-        run_study(study, log=lambda line: click.echo(line))
+        run_study(study, log=lambda line: click.echo(line), launch=launch_opts)
     except KeyboardInterrupt:
         click.echo(f"interrupted; re-run the same command to continue the study in {study.out}", err=True)
         sys.exit(130)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..experiments.stats import mean, sample_std
 from ..utils import atomic_write_text
 
 __all__ = ["Section", "Group", "aggregate", "verdicts", "make_figures", "render_markdown", "render_html",
-           "write_report", "load_results"]
+           "html_page", "html_figure", "md_table", "html_table", "write_report", "load_results"]
 
 # classes per dataset, for the chance level (imagefolder: unknown, no chance line)
 _NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -72,14 +73,7 @@ def load_results(study_dir: str | Path) -> dict[str, Any]:
 
 
 def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return mean(xs) if xs else None
 
 
 def aggregate(results: dict[str, Any]) -> list[Group]:
@@ -93,7 +87,7 @@ def aggregate(results: dict[str, Any]) -> list[Group]:
         ok = [r for r in rs if r["status"] == "complete"]
         accs = [r["test_acc"] for r in ok]
         groups.append(Group(fam, depth, rs[0]["model"], rs[0].get("model_kwargs") or {}, len(rs), len(rs) - len(ok),
-                            _mean(accs), _std(accs), ok[0]["params"] if ok else None,
+                            _mean(accs), sample_std(accs), ok[0]["params"] if ok else None,
                             _mean([r["train_img_per_s"] for r in ok]), _mean([r["wall_s"] for r in ok]),
                             [r["curves"]["train_loss"] for r in ok if (r.get("curves") or {}).get("train_loss")]))
     groups.sort(key=lambda g: (fam_order.get(g.family, len(fam_order)), g.family, g.depth))
@@ -254,7 +248,7 @@ def recipe_table(study: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _md_table(rows: list[list[str]]) -> str:
+def md_table(rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     out = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in esc[0]) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in esc[1:]]
@@ -264,7 +258,7 @@ def _md_table(rows: list[list[str]]) -> str:
 _NUMERIC = re.compile(r"^[-+]?\d[\d.,]*(%|k|M)?( |$)|^—$")
 
 
-def _html_table(rows: list[list[str]]) -> str:
+def html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     def td(c: str) -> str:  # numbers right-aligned, words left
         return f"<td class=\"n\">{html.escape(c)}</td>" if _NUMERIC.match(c) else f"<td>{html.escape(c)}</td>"
@@ -446,7 +440,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes
     if study.get("command"):
         md += [f"Command: `{study['command']}`", ""]
     md += ["## Verdict", ""] + [f"- {v}" for v in verdicts(results)] + [""]
-    md += ["## Test accuracy", "", _md_table(accuracy_table(groups, fams)), ""]
+    md += ["## Test accuracy", "", md_table(accuracy_table(groups, fams)), ""]
 
     def fig(stem: str) -> list[str]:
         if stem not in figures:
@@ -457,9 +451,9 @@ def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes
     md += fig("accuracy_vs_depth")
     md += ["## Training loss", ""] + fig("loss_curves")
     md += ["## Accuracy against cost", ""] + fig("accuracy_vs_params") + fig("accuracy_vs_wall")
-    md += ["## Throughput", "", _md_table(throughput_table(groups, fams)), "",
+    md += ["## Throughput", "", md_table(throughput_table(groups, fams)), "",
            "Training images per second (training time only); in brackets the ratio to resnet at the same depth.", ""]
-    md += ["## All runs", "", _md_table(runs_table(groups)), ""]
+    md += ["## All runs", "", md_table(runs_table(groups)), ""]
     if study.get("skipped"):
         md += ["## Left out", ""] + [f"- {s}" for s in study["skipped"]] + [""]
     for s in sections:
@@ -468,7 +462,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes
             md += [p, ""]
         for i, (cap, _) in enumerate(s.figures):
             md += [f"![{cap}]({plot_dir}/{_slug(s.title)}_{i}.png)", "", f"*{cap}*", ""]
-    md += ["## Setup", "", _md_table(recipe_table(study)), "",
+    md += ["## Setup", "", md_table(recipe_table(study)), "",
            "Families: " + "; ".join(f"**{f}**: {d}" for f, d in study.get("family_descriptions", {}).items()), "",
            "Files: `results.json` (every run, with its loss curve), `results.csv`, `runs/<run>/` (the engine's run "
            "directories: metrics.jsonl, summary.json, checkpoints).", ""]
@@ -497,35 +491,40 @@ def render_html(results: dict[str, Any], figures: dict[str, tuple[str, bytes]],
     def fig(stem: str) -> str:
         if stem not in figures:
             return ""
-        return _html_figure(*figures[stem])
+        return html_figure(*figures[stem])
 
     parts = [f"<h1>Depth study: {e(study.get('preset', ''))}</h1>",
              "".join(f"<p>{e(s)}</p>" for s in _setup_sentences(results)),
              f"<p>Command: <code>{e(study['command'])}</code></p>" if study.get("command") else "",
              "<h2>Verdict</h2><ul class=\"verdict\">" + "".join(f"<li>{e(v)}</li>" for v in verdicts(results)) + "</ul>",
-             "<h2>Test accuracy</h2>" + _html_table(accuracy_table(groups, fams)) + fig("accuracy_vs_depth"),
+             "<h2>Test accuracy</h2>" + html_table(accuracy_table(groups, fams)) + fig("accuracy_vs_depth"),
              "<h2>Training loss</h2>" + fig("loss_curves"),
              "<h2>Accuracy against cost</h2>" + fig("accuracy_vs_params") + fig("accuracy_vs_wall"),
-             "<h2>Throughput</h2>" + _html_table(throughput_table(groups, fams))
+             "<h2>Throughput</h2>" + html_table(throughput_table(groups, fams))
              + "<p class=\"note\">Training images per second (training time only); in brackets the ratio to resnet "
                "at the same depth.</p>",
-             "<h2>All runs</h2>" + _html_table(runs_table(groups))]
+             "<h2>All runs</h2>" + html_table(runs_table(groups))]
     if study.get("skipped"):
         parts.append("<h2>Left out</h2><ul>" + "".join(f"<li>{e(s)}</li>" for s in study["skipped"]) + "</ul>")
     for s in sections:
         parts.append(f"<h2>{e(s.title)}</h2>" + "".join(f"<p>{e(p)}</p>" for p in s.paragraphs)
-                     + "".join(_html_figure(cap, png) for cap, png in s.figures))
+                     + "".join(html_figure(cap, png) for cap, png in s.figures))
     fam_desc = "".join(f"<li><b>{e(f)}</b>: {e(d)}</li>" for f, d in study.get("family_descriptions", {}).items())
-    parts.append("<h2>Setup</h2>" + _html_table(recipe_table(study)) + f"<ul>{fam_desc}</ul>"
+    parts.append("<h2>Setup</h2>" + html_table(recipe_table(study)) + f"<ul>{fam_desc}</ul>"
                  "<p class=\"note\">Files next to this page: <code>results.json</code> (every run, with its loss "
                  "curve), <code>results.csv</code>, <code>report.md</code>, <code>runs/&lt;run&gt;/</code>.</p>")
-    title = e(f"pnnh depth study: {study.get('preset', '')}")
+    return html_page(f"pnnh depth study: {study.get('preset', '')}", parts)
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML document of ``parts`` (HTML fragments) with the report's style."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{title}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
 
 
-def _html_figure(caption: str, png: bytes) -> str:
+def html_figure(caption: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (f"<figure><img alt=\"{html.escape(caption, quote=True)}\" src=\"data:image/png;base64,{data}\">"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -8,15 +8,19 @@ A study is a directory::
                             train_img_per_s, wall_s, curves, ...), plus the study description
     DIR/results.csv         the same records without the curves
     DIR/report.md, DIR/plots/*.png, DIR/report.html (self-contained: the plots are embedded)
+    DIR/logs/<run id>.log   output of worker processes (``--jobs N``); DIR/slurm/: Slurm job files
 
-Re-running the same study skips the runs whose ``summary.json`` says they finished (without touching
-them) and resumes an interrupted run from its last checkpoint (the engine checkpoints every epoch
-and every ``checkpoint_every`` steps), so a killed study loses at most the work since that
-checkpoint. A run configured differently from the one on disk is refused before anything trains.
+The runs go through the experiment runner (:mod:`pnnh.experiments`): re-running the same study
+skips the runs whose ``summary.json`` says they finished (without touching them) and resumes an
+interrupted run from its last checkpoint (the engine checkpoints every epoch and every
+``checkpoint_every`` steps), so a killed study loses at most the work since that checkpoint. A
+run configured differently from the one on disk is refused before anything trains. Runs execute
+in this process, in N worker processes or as Slurm jobs (:mod:`pnnh.experiments.launchers`).
 
 Families are data: :data:`FAMILIES` maps a family name to a registered-model name pattern and the
-model options that make the family (``plain_dirac`` is ``plain{depth}`` with ``init="dirac"``).
-Presets are data too (:data:`PRESETS`).
+model options that make the family (``plain_dirac`` is ``plain{depth}`` with ``init="dirac"``),
+read from ``configs/study/families.yaml``. Presets are data too (:data:`PRESETS`, from
+``configs/study/<name>.yaml``; any such YAML file can be passed as a preset).
 """
 
 from __future__ import annotations
@@ -24,21 +28,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..errors import ConfigError
+from ..experiments.grid import Grid, Run
+from ..experiments.launchers import LaunchOptions, make_launcher
+from ..experiments.results import curves
+from ..experiments.runner import run_grid, step_reporter
+from ..experiments.state import check_grid, finished
 from ..utils import atomic_write_text, remove_stale_temp_files
 
-__all__ = ["Family", "Preset", "FAMILIES", "PRESETS", "StudyRun", "Study", "plan_study", "run_study",
-           "collect_results", "write_results", "DIAGNOSTICS_HOOK"]
-
-# Fields of TrainConfig that decide a run's result: a finished run on disk must agree on all of them
-# to be reused (the engine's RESUME_KEYS plus the test subset, which changes the reported accuracy).
-_RESULT_KEYS = ("test_subset",)
+__all__ = ["Family", "Preset", "FAMILIES", "PRESETS", "StudyRun", "Study", "load_families", "load_preset",
+           "plan_study", "study_grid", "check_study_dir", "run_study", "collect_results", "write_results",
+           "DIAGNOSTICS_HOOK"]
 
 # Optional diagnostics section (issue 5): if ``pnnh.analysis`` defines
 # ``study_section(results: dict, study_dir: Path) -> pnnh.report.render.Section | None``,
@@ -76,14 +81,15 @@ class Family:
         return found[0] if found else None
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("plain", "plain{depth}", {}, "plain CNN: ResNet's layers without shortcuts, He init"),
-    Family("resnet", "resnet{depth}", {}, "ResNet (He et al. 2016), basic blocks, option-A shortcuts"),
-    Family("pnnh", "pnnh{depth}", {}, "PNNH plain CNN: learner + weight-sharing coder, no shortcuts (our design)"),
-    Family("preact_resnet", "preact_resnet{depth}", {}, "pre-activation ResNet (He et al. 2016b)"),
-    Family("plain_dirac", "plain{depth}", {"init": "dirac"}, "plain CNN, identity (Dirac) init of same-shape convs"),
-    Family("plain_delta", "plain{depth}", {"init": "delta_orthogonal"}, "plain CNN, delta-orthogonal init"),
-)}
+def load_families(path: str | Path = "study/families.yaml") -> dict[str, Family]:
+    """Families from a YAML mapping ``name: {pattern, model_kwargs, description}`` (``configs/study/``)."""
+    from ..experiments.grid import load_yaml
+
+    return {name: Family(name, d.get("pattern"), dict(d.get("model_kwargs") or {}), d.get("description", ""))
+            for name, d in load_yaml(path).items()}
+
+
+FAMILIES: dict[str, Family] = load_families()
 
 
 @dataclass(frozen=True)
@@ -105,37 +111,26 @@ class Preset:
     device: str = "auto"
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset(
-        "quick",
-        "Fashion-MNIST, a short budget (about 0.2 epoch per run) and one seed, sized to finish within "
-        "10 minutes on 2 CPU cores.",
-        data="fashion-mnist", families=("plain", "resnet", "pnnh"), depths=(8, 20, 56), seeds=1,
-        # grad_clip: at lr 0.1 a deep net's loss can spike early (resnet56 to 5.7 by step 20, measured),
-        # which a 100-step budget cannot recover from; clipping the gradient norm, the same for every
-        # family, removes the spike (resnet56 54% -> 79%; plain56 27% -> 14%; one seed each).
-        train=dict(steps=100, batch_size=128, lr=0.1, schedule="onecycle", augment=False, grad_clip=1.0,
-                   test_subset=2000, checkpoint_every=25, log_every=5),
-    ),
-    Preset(
-        "standard",
-        "Fashion-MNIST, a longer budget (2 epochs per run), 3 seeds, depths up to 110: meant for a GPU "
-        "or a long CPU session.",
-        data="fashion-mnist", families=("plain", "resnet", "pnnh", "plain_dirac"), depths=(8, 20, 32, 56, 110),
-        seeds=3, train=dict(epochs=2, batch_size=128, lr=0.1, schedule="onecycle", augment=True,
-                            checkpoint_every=100, log_every=20),
-    ),
-    Preset(
-        "paper",
-        "CIFAR-10 (or --data cifar100) with a recipe of the CIFAR ResNet class: 164 epochs, SGD "
-        "momentum 0.9, batch 128, lr 0.1, weight decay 1e-4, crop+flip augmentation, cosine schedule "
-        "(He et al. 2016 decayed the lr in steps at 32k and 48k iterations; the engine has no step "
-        "schedule). For a GPU and the data.",
-        data="cifar10", families=("plain", "resnet", "pnnh"), depths=(20, 32, 44, 56, 110), seeds=3,
-        train=dict(epochs=164, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                   schedule="cosine", augment=True, log_every=50),
-    ),
-)}
+_PRESET_KEYS = ("name", "description", "data", "families", "depths", "seeds", "train", "model_kwargs", "device")
+
+
+def load_preset(path: str | Path) -> Preset:
+    """A preset from a YAML file with the fields of :class:`Preset` (``configs/study/quick.yaml``)."""
+    from ..experiments.grid import load_yaml
+
+    d = load_yaml(path)
+    unknown = sorted(set(d) - set(_PRESET_KEYS))
+    missing = [k for k in ("data", "families", "depths", "seeds", "train") if k not in d]
+    if unknown or missing:
+        raise ConfigError(f"study file {path}: " + "; ".join(
+            ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            + ([f"missing {', '.join(missing)}"] if missing else [])) + f" (keys: {', '.join(_PRESET_KEYS)})")
+    return Preset(d.get("name") or Path(path).stem, d.get("description", ""), d["data"], tuple(d["families"]),
+                  tuple(d["depths"]), int(d["seeds"]), dict(d["train"]), dict(d.get("model_kwargs") or {}),
+                  d.get("device", "auto"))
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (load_preset(f"study/{n}.yaml") for n in ("quick", "standard", "paper"))}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -209,6 +204,7 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
                command: str | None = None) -> Study:
     """Resolve a preset plus overrides into the list of runs (nothing is trained).
 
+    ``preset`` is a name of :data:`PRESETS`, a :class:`Preset` or a YAML file of one.
     ``train`` overrides TrainConfig fields of the preset's recipe (``{"steps": 10}``; giving one of
     ``steps``/``epochs`` replaces the other). Families whose model does not exist at a depth are
     left out with a sentence in ``Study.skipped``; a family unknown altogether is an error.
@@ -216,9 +212,12 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
     from ..train import TrainConfig
 
     if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[preset]
+        if preset in PRESETS:
+            preset = PRESETS[preset]
+        elif preset.endswith((".yaml", ".yml")):
+            preset = load_preset(preset)
+        else:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or a .yaml file")
     fams = list(families) if families else list(preset.families)
     dps = sorted(set(depths)) if depths else list(preset.depths)
     n_seeds = preset.seeds if seeds is None else seeds
@@ -278,115 +277,36 @@ def plan_study(preset: str | Preset = "quick", *, out: str | Path, families: lis
 
 
 # -------------------------------------------------------------------------------------------------
-# state of a run on disk
+# running (pnnh.experiments: the reuse/resume rule, launchers, progress)
 # -------------------------------------------------------------------------------------------------
 
-def _summary(run: StudyRun) -> dict[str, Any] | None:
-    path = Path(run.cfg.out) / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a torn summary cannot happen (atomic writes) but a hand-edited one can
-
-
-def _saved_config(run: StudyRun) -> dict[str, Any] | None:
-    from ..train.checkpoint import read_metadata
-    from ..train.engine import CKPT_NAME
-
-    ckpt = Path(run.cfg.out) / CKPT_NAME
-    if not ckpt.exists():
-        return None
-    try:
-        return read_metadata(ckpt).get("state", {}).get("config")
-    except CheckpointError:
-        return None  # the engine itself reports a corrupt checkpoint when it resumes
-
-
-def _config_conflicts(run: StudyRun) -> list[str]:
-    """How the run on disk was configured differently from ``run`` (empty: compatible or absent)."""
-    from ..train.config import RESUME_KEYS
-
-    saved = _saved_config(run)
-    now = run.cfg.to_dict()
-    if saved is not None:
-        return [f"{k}: on disk {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS + _RESULT_KEYS
-                if saved.get(k) != now[k]]
-    summary = _summary(run)
-    if summary is None:
-        return []
-    return [f"{k}: on disk {summary.get(k)!r}, now {now[k]!r}" for k in ("model", "model_kwargs", "data", "seed")
-            if summary.get(k) != now[k]]
-
-
-def _finished(run: StudyRun) -> dict[str, Any] | None:
-    s = _summary(run)
-    return s if s is not None and s.get("status") in ("complete", "diverged") else None
+def study_grid(study: Study) -> Grid:
+    """The study's runs as a grid of the experiment runner (run directories ``DIR/runs/<run id>``)."""
+    return Grid("study", study.out, [Run(r.run_id, f"{r.label} seed {r.seed}", r.cfg) for r in study.runs])
 
 
 def check_study_dir(study: Study) -> None:
     """Refuse (before training anything) runs on disk that were made with other settings."""
-    bad = []
-    for run in study.runs:
-        diff = _config_conflicts(run)
-        if diff:
-            bad.append(f"{run.run_id} ({'; '.join(diff)})")
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ConfigError(f"{study.out} holds runs made with different settings: {', '.join(bad[:3])}{more}. "
-                          f"Use another --out, or delete those run directories to redo them")
-
-
-# -------------------------------------------------------------------------------------------------
-# running
-# -------------------------------------------------------------------------------------------------
-
-def _cost(run: StudyRun) -> float:
-    """A relative cost estimate for ETAs: images x depth x width^2 (conv FLOPs scale so)."""
-    cfg = run.cfg
-    width = float(run.model_kwargs.get("width", 1.0))
-    steps = cfg.steps if cfg.steps is not None else cfg.epochs * 60000 // cfg.batch_size  # epochs: rough
-    test = cfg.test_subset or 10000
-    return (steps * cfg.batch_size + test / 3) * (run.depth + 4) * width ** 2
-
-
-def _fmt_time(s: float) -> str:
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
-
-
-def _step_reporter(run: StudyRun, log: Callable[[str], None], every_s: float = 30.0) -> Callable[[int], None]:
-    """An ``on_step`` that logs progress inside a long run at most every ``every_s`` seconds."""
-    total = run.cfg.steps  # with epochs the engine knows the step count; we show steps only
-    t0 = time.time()
-    last = [t0]
-
-    def on_step(step: int) -> None:
-        now = time.time()
-        if now - last[0] >= every_s:
-            last[0] = now
-            of = f"/{total}" if total else ""
-            log(f"      {run.label} seed {run.seed}: step {step}{of}, {_fmt_time(now - t0)} in this session")
-
-    return on_step
+    check_grid(study_grid(study))
 
 
 def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool = True,
-              step_log_every_s: float | None = 30.0) -> dict[str, Any]:
+              step_log_every_s: float | None = 30.0, launch: LaunchOptions | None = None) -> dict[str, Any]:
     """Run (or continue) every run of ``study``, then write results and the report.
 
     Returns the results dict written to ``results.json``. ``log`` receives one line per event
-    (run i of n, accuracy, ETA). A run whose loss diverges is recorded as diverged and the study
-    goes on; any other error stops the study (re-running continues where it stopped).
+    (run i of n, accuracy, runs done / running / left, ETA). ``launch`` says where runs execute
+    (default: one after another in this process). A run whose loss diverges is recorded as
+    diverged and the study goes on; in this process any other error stops the study, with worker
+    processes or Slurm jobs the other runs go on and the study then fails (re-running continues
+    where it stopped, resuming each unfinished run from its last checkpoint).
     """
     from ..data.datasets import find_data_dir
-    from ..train import train
 
     find_data_dir(study.data, study.train.get("data_dir"))  # missing data: fail before anything is written
     out = study.out
-    check_study_dir(study)
+    grid = study_grid(study)
+    check_grid(grid)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)  # results.json etc. of a study killed mid-write
     _write_json(out / "study.json", study.describe())
@@ -396,34 +316,14 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
         f"on {study.data} -> {out}")
     for line in study.skipped:
         log(f"  skip: {line}")
-    costs = [_cost(r) for r in study.runs]
-    done_cost, done_seconds, start = 0.0, 0.0, time.time()
-    for i, run in enumerate(study.runs):
-        tag = f"[{i + 1}/{n}] {run.label} seed {run.seed}"
-        prev = _finished(run)
-        if prev is not None:
-            log(f"{tag}: finished earlier, kept ({_result_words(prev)})")
-            continue
-        partial = (Path(run.cfg.out) / "checkpoint.safetensors").exists()
-        opts = ", ".join(f"{k}={v}" for k, v in sorted(run.model_kwargs.items()))
-        log(f"{tag}: {'resuming from its checkpoint' if partial else 'training'} {run.model}"
-            + (f" ({opts})" if opts else "") + " ...")
-        t0 = time.time()
-        on_step = None if (run.cfg.progress or step_log_every_s is None) else _step_reporter(run, log, step_log_every_s)
-        try:
-            summary = train(run.cfg, on_step=on_step)
-        except DivergenceError as e:
-            summary = {"status": "diverged", "error": str(e)}
-            log(f"{tag}: diverged ({e})")
-        took = time.time() - t0
-        if not partial:  # a resumed run did only part of its work: it would skew the rate
-            done_cost += costs[i]
-            done_seconds += took
-        left = sum(c for j, c in enumerate(costs[i + 1:], i + 1) if _finished(study.runs[j]) is None)
-        eta = done_seconds / done_cost * left if done_cost else float("nan")
-        log(f"{tag}: {_result_words(summary)}, {took:.1f} s | elapsed {_fmt_time(time.time() - start)}, "
-            f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}")
-        write_results(study, collect_results(study))  # a killed study still leaves its results so far
+    launch = launch or LaunchOptions()
+
+    def on_step(run: Run):
+        return None if (run.cfg.progress or step_log_every_s is None) else step_reporter(run, log, step_log_every_s)
+
+    launcher = make_launcher(launch, out, name=f"pnnh-study-{study.preset}", on_step=on_step)
+    # a killed study still leaves its results so far
+    run_grid(grid, launcher, log=log, on_run_end=lambda: write_results(study, collect_results(study)))
     results = collect_results(study)
     write_results(study, results)
     if render:
@@ -432,12 +332,6 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
         paths = write_report(out, results, sections=_diagnostics_sections(results, out, log))
         log(f"report: {paths['md']} and {paths['html']} (open in a browser)")
     return results
-
-
-def _result_words(s: dict[str, Any]) -> str:
-    if s.get("status") == "diverged":
-        return "diverged"
-    return f"test acc {s['test_acc'] * 100:.1f}%, {s['train_img_per_s']:.0f} train img/s"
 
 
 def _diagnostics_sections(results: dict[str, Any], out: Path, log: Callable[[str], None]) -> list:
@@ -471,8 +365,8 @@ def collect_results(study: Study) -> dict[str, Any]:
     from ..version import __version__
 
     records = []
-    for run in study.runs:
-        s = _finished(run)
+    for run, grid_run in zip(study.runs, study_grid(study).runs):
+        s = finished(grid_run)
         if s is None:
             continue
         rec = {"family": run.family, "model": run.model, "depth": run.depth, "seed": run.seed,
@@ -480,7 +374,7 @@ def collect_results(study: Study) -> dict[str, Any]:
         if s.get("status") == "complete":
             rec.update({k: s.get(k) for k in ("params", "test_acc", "test_loss", "train_img_per_s", "train_seconds",
                                               "wall_s", "steps", "epochs", "batch_size", "device", "threads")})
-            rec["curves"] = _curves(s, Path(run.cfg.out) / "metrics.jsonl")
+            rec["curves"] = curves(s, Path(run.cfg.out) / "metrics.jsonl")
             rec["test_images"] = run.cfg.test_subset or None  # None: the whole test split
         else:
             rec["error"] = s.get("error")
@@ -496,18 +390,6 @@ def collect_results(study: Study) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return json.loads(json.dumps({"study": meta, "runs": records}))  # plain JSON types, as in results.json
-
-
-def _curves(summary: dict[str, Any], metrics: Path) -> dict[str, list[list[float]]]:
-    """Training loss per logged step (the engine's curve) and per-epoch metrics, as [step, value] pairs."""
-    out: dict[str, list[list[float]]] = {"train_loss": summary.get("curve") or []}
-    try:
-        lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    except (OSError, json.JSONDecodeError):
-        lines = []
-    for key in ("train_acc", "test_acc", "test_loss"):
-        out[key] = [[ln["step"], ln[key]] for ln in lines if ln.get(key) is not None]
-    return out
 
 
 def _cpu_count() -> int | None:

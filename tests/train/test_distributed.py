@@ -131,6 +131,48 @@ def test_sigkill_one_worker_torchrun_restarts_and_resumes_exactly(ddp_run, fmnis
     assert _metrics(out) == _metrics(ref_out)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_rendezvous_matches_one_node_with_two_processes(ddp_run, fmnist_small, tmp_path):
+    """Two torchrun agents ("nodes" 0 and 1, one process each) meeting through a c10d rendezvous on
+    127.0.0.1 train the run of one node with two processes: same metrics and weights, bit for bit."""
+    ref_out = ddp_run[0]
+    ref = json.loads((ref_out / "summary.json").read_text())
+    out = tmp_path / "run"
+    standalone = _torchrun(out, fmnist_small)
+    train_args = standalone[standalone.index("train") - 2:]  # -m pnnh train ...
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                   "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                   "--rdzv-id", "pnnh-two-nodes", "--rdzv-conf", f"is_host={int(node == 0)}", "--max-restarts", "0",
+                   *train_args, "--threads", str(ref["threads"])]  # the threads of one of two local processes
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == ref["steps"]
+    assert sum("test acc" in o for o, _ in outputs) == 1  # one writer: global rank 0, on one of the nodes
+    assert _metrics(out) == _metrics(ref_out)
+    wa, wb = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
 _GRAD_WORKER = r"""
 import sys, torch, torch.nn.functional as F
 from safetensors.torch import save_file

@@ -6,7 +6,7 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.bench.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput, split_variants
+from pnnh.report.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput, split_variants
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -35,8 +35,17 @@ def test_ablate_runs_reuses_and_reports(tmp_path, fmnist_dir, capsys, monkeypatc
     assert "| 2 |" in row and "±" in row
     assert (out / "short" / "d8" / "p" / "s1" / "summary.json").exists()
 
+    html = (out / "report.html").read_text()  # the same tables, with plots embedded, no scripts
+    assert "<h3>depth 8</h3>" in html and html.count("data:image/png;base64,") == 3 and "<script" not in html
+    marker = json.loads((out / "short" / "d8" / "p" / "s1" / "ablate_config.json").read_text())
+    assert marker["model"] == "pnnh8" and marker["steps"] == 3 and "threads" not in marker and "out" not in marker
+
+    summaries = sorted(out.glob("short/d8/*/s*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
     main(args)  # everything finished: nothing trains again
-    assert "test acc" not in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, kept") == 4 and "training" not in again
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
 
     main([*args[:4], "0,1,2", *args[5:], "--dry-run"])  # a third seed, not run: reported as missing
     text = report.read_text()

@@ -1,0 +1,471 @@
+"""``pnnh ablate``: the PNNH design-space ablation, a grid of the experiment runner.
+
+Every (budget, depth, seed, variant) is one ordinary training run in its own directory
+``OUT/<budget>/d<depth>/<variant>/s<seed>``. The variants, the budgets and the command's defaults
+are data: ``configs/ablate.yaml``. Runs are trained, reused and resumed by
+:mod:`pnnh.experiments` under its one rule: a finished run is reused when the config recorded
+next to it (``ablate_config.json``, written when the run completes) agrees on the fields that
+decide a result; an interrupted one resumes from its checkpoint; a run made with other settings
+stops the command before anything trains. So the command is resumable and can be grown: run it
+again with more seeds, depths or variants and only the missing runs train.
+The config compared holds the model options a variant *names*, not the registry's defaults: after
+changing a model default, rename (or delete) the runs of variants that relied on it, or they are
+reused as if they were the new default (``docs/results/pnnh_ablation.md`` records such a relabel).
+
+The report gives, per budget and depth, each variant's test accuracy mean ± sample std over the
+finished seeds, its difference to a reference variant ± the Welch standard error, parameters,
+training images/s and wall time, and lists runs that did not run: Markdown (``--report``) and
+a self-contained ``OUT/report.html`` with the same tables and plots per budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from ..experiments import stats
+from ..experiments.grid import Grid, Run, load_yaml
+from ..experiments.options import launch_options_from, launcher_options
+from ..utils import parse_kv
+
+__all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
+           "format_report", "write_html_report", "side_by_side_throughput", "ablate_cmd"]
+
+MARKER = "ablate_config.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model template (``{d}`` is the depth) and its model kwargs."""
+
+    label: str
+    template: str
+    kwargs: dict = field(default_factory=dict)
+    doc: str = ""
+
+    def model(self, depth: int) -> str:
+        return self.template.format(d=depth)
+
+
+def _load_catalogue(path: str = "ablate.yaml") -> tuple[dict[str, Variant], dict[str, dict], dict[str, Any]]:
+    """``(variants, budgets, defaults)`` from ``configs/ablate.yaml``."""
+    d = load_yaml(path)
+    variants = {label: Variant(label, v["model"], dict(v.get("kwargs") or {}), v.get("doc", ""))
+                for label, v in d["variants"].items()}
+    return variants, {k: dict(v) for k, v in d["budgets"].items()}, dict(d.get("defaults") or {})
+
+
+VARIANTS, BUDGETS, _DEFAULTS = _load_catalogue()
+
+
+def parse_variant(text: str) -> Variant:
+    """A known label, or ``label=template:key=value,key=value`` (``template`` holds ``{d}``)."""
+    if "=" not in text.split(":")[0]:
+        if text not in VARIANTS:
+            raise ConfigError(f"unknown variant {text!r}; known: {', '.join(VARIANTS)} (or label=template:k=v,...)")
+        return VARIANTS[text]
+    label, rest = text.split("=", 1)
+    template, _, opts = rest.partition(":")
+    if "{d}" not in template:
+        raise ConfigError(f"variant template {template!r} must contain {{d}} (the depth)")
+    kwargs = parse_kv(tuple(filter(None, opts.split(","))), f"variant {label.strip()!r}")
+    return Variant(label.strip(), template.strip(), kwargs, "custom")
+
+
+def split_variants(text: str) -> list[Variant]:
+    """``--variants``: comma-separated labels or custom variants, whose own ``key=value`` options
+    are comma-separated too (``a=pnnh{d}:coder_ratio=0.125,path_param=init,resnet`` is two variants:
+    a ``key=value`` without ``{d}`` continues the custom variant before it)."""
+    items: list[str] = []
+    for piece in (t.strip() for t in text.split(",")):
+        if not piece:
+            continue
+        if items and "=" in items[-1].split(":")[0] and "=" in piece and "{d}" not in piece:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return [parse_variant(t) for t in items]
+
+
+# -------------------------------------------------------------------------------------------------
+# the grid
+# -------------------------------------------------------------------------------------------------
+
+def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], budgets: list[str], out: Path,
+                  base: dict | None = None, budget_defs: dict[str, dict] | None = None) -> tuple[Grid, list[dict]]:
+    """The runs in order budget, seed, depth, variant (the first seed of every cell finishes before any
+    second seed starts, so a partial ablation is still a full screen), and one record per run."""
+    from ..train.config import TrainConfig
+
+    base = dict(base or {})
+    budget_defs = budget_defs or BUDGETS
+    runs, records = [], []
+    for b in budgets:
+        for s in seeds:
+            for d in depths:
+                for v in variants:
+                    run_dir = Path(out) / b / f"d{d}" / v.label / f"s{s}"
+                    cfg = TrainConfig(model=v.model(d), model_kwargs=dict(v.kwargs), seed=s, out=str(run_dir),
+                                      resume=True, progress=False, **budget_defs[b], **base)
+                    runs.append(Run(f"{b}/d{d}/{v.label}/s{s}", f"{b} d{d} {v.label} seed {s}", cfg))
+                    records.append({"budget": b, "depth": d, "variant": v.label, "model": v.model(d),
+                                    "kwargs": v.kwargs, "seed": s, "dir": str(run_dir)})
+    return Grid("ablate", Path(out), runs, marker=MARKER), records
+
+
+def run_ablation(variants: list[Variant], depths: list[int], seeds: list[int], budgets: list[str], out: Path,
+                 base: dict | None = None, dry_run: bool = False, log=print,
+                 budget_defs: dict[str, dict] | None = None, launch=None) -> list[dict[str, Any]]:
+    """Train (or reuse) every run; return one record per run with its ``summary`` (``None``: not finished).
+
+    ``launch`` (:class:`~pnnh.experiments.LaunchOptions`) says where runs execute (default: one
+    after another in this process). ``dry_run`` trains nothing and reports what is on disk.
+    """
+    from ..experiments.launchers import LaunchOptions, make_launcher
+    from ..experiments.runner import run_grid
+    from ..experiments.state import check_grid, finished
+
+    grid, records = ablation_grid(variants, depths, seeds, budgets, out, base, budget_defs)
+    check_grid(grid)
+    if not dry_run:
+        run_grid(grid, make_launcher(launch or LaunchOptions(), Path(out), name="pnnh-ablate"), log=log)
+    for rec, run in zip(records, grid.runs):
+        rec["summary"] = finished(run)
+    return records
+
+
+# -------------------------------------------------------------------------------------------------
+# the report
+# -------------------------------------------------------------------------------------------------
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (budget, depth, variant): accuracy mean/std over finished seeds, params, speed."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["budget"], r["depth"], r["variant"])
+        row = rows.setdefault(key, {"budget": key[0], "depth": key[1], "variant": key[2], "model": r["model"],
+                                    "kwargs": r["kwargs"], "accs": [], "img_s": [], "wall": [], "params": None,
+                                    "missing": [], "diverged": []})
+        s = r["summary"]
+        if s is None:
+            row["missing"].append(r["seed"])
+        elif s.get("status") != "complete":
+            row["diverged"].append(r["seed"])
+        else:
+            row["accs"].append(s["test_acc"] * 100)
+            row["img_s"].append(s["train_img_per_s"])
+            row["wall"].append(s["wall_s"])
+            row["params"] = s["params"]
+    return list(rows.values())
+
+
+def difference(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float] | None:
+    """``row``'s mean accuracy minus ``ref``'s, with the Welch standard error of that difference
+    (:func:`pnnh.experiments.stats.difference`); ``None`` when either has no finished seed."""
+    return stats.difference(row["accs"], ref["accs"])
+
+
+def _intro(records: list[dict[str, Any]], budget_defs: dict[str, dict], reference: str | None) -> list[str]:
+    finished = [r["summary"] for r in records if r["summary"] and r["summary"].get("status") == "complete"]
+    augment = {s.get("augment") for s in finished}
+    threads = sorted({s["threads"] for s in finished if s.get("threads")})
+    thread_text = ("threads unrecorded" if not threads else "one thread" if threads == [1] else
+                   f"{' or '.join(map(str, threads))} threads (see each run's summary.json)")
+    aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
+           "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
+    out = ["Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128), "
+           f"full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; short budget = "
+           f"{budget_defs['short']}, long budget = {budget_defs['long']}. Test accuracy in %, mean ± sample std "
+           "over the finished seeds. img/s is training images per second from the engine (training time "
+           f"only), {thread_text} per run, on a 2-core machine running other jobs: compare speeds only side "
+           "by side (docs/benchmarks.md)."]
+    if reference:
+        out.append(f"Δ acc: the variant's mean minus `{reference}`'s at the same depth and budget, ± the standard "
+                   "error of that difference (sqrt(s_a²/n_a + s_b²/n_b); a one-seed side adds no spread, so "
+                   f"the error is then too small). params ×: the variant's parameters over `{reference}`'s.")
+    return out
+
+
+def _cell_table(cell: list[dict[str, Any]], reference: str | None) -> list[list[str]]:
+    """Rows of strings (header first) for one (budget, depth) cell."""
+    ref = next((r for r in cell if r["variant"] == reference), None)
+    head = ["variant", "model", "options", "seeds", "test acc %", "params", "train img/s", "wall s"]
+    if ref is not None:
+        head[5:5] = [f"Δ acc vs {reference}", "params ×"]
+    rows = [head]
+    for r in cell:
+        opts = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "—"
+        n = len(r["accs"])
+        if n:
+            m, sd = stats.mean_std(r["accs"])
+            acc = f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f} (1 seed: no spread)"
+            img = f"{stats.mean(r['img_s']):.0f}"
+            wall = f"{stats.mean(r['wall']):.0f}"
+            params = f"{r['params']:,}"
+        else:
+            acc = img = wall = params = "not run"
+        extra = []
+        if r["missing"]:
+            extra.append(f"not run: seeds {r['missing']}")
+        if r["diverged"]:
+            extra.append(f"diverged: seeds {r['diverged']}")
+        seeds = f"{n}" + (f" ({'; '.join(extra)})" if extra else "")
+        cols = [r["variant"], r["model"], opts, seeds, acc, params, img, wall]
+        if ref is not None:
+            delta = ratio = "—"
+            diff = None if r is ref else difference(r, ref)
+            if diff is not None:  # both have finished seeds, hence parameter counts
+                one_each = len(r["accs"]) == 1 == len(ref["accs"])
+                delta = f"{diff[0]:+.2f} " + ("(1 seed each: no spread)" if one_each else f"± {diff[1]:.2f}")
+                ratio = f"{r['params'] / ref['params']:.2f}"
+            cols[5:5] = [delta, ratio]
+        rows.append(cols)
+    return rows
+
+
+def _cells(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    by_cell: dict[tuple, list] = {}
+    for r in aggregate(records):
+        by_cell.setdefault((r["budget"], r["depth"]), []).append(r)
+    return by_cell
+
+
+def _speed_table(speed: list[dict]) -> list[list[str]]:
+    rows = [["model", "options", "params", "img/s (median)", "ratio to the first model of its depth"]]
+    for s in speed:
+        opts = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()) or "—"
+        rows.append([s["model"], opts, f"{s['params']:,}", f"{s['img_s']:.0f}", f"{s['ratio']:.2f}"])
+    return rows
+
+
+_SPEED_TEXT = ("One process, one thread, alternating the models step by step (A B A B ...) so that the "
+               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128.")
+
+
+def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
+                  budget_defs: dict[str, dict] | None = None, reference: str | None = "resnet") -> str:
+    """The Markdown results page (``docs/results/pnnh_ablation.md``).
+
+    With ``reference`` (a variant label, the ResNet twin by default) each table also gives every
+    variant's accuracy difference to that variant at the same depth and budget and its parameter ratio:
+    the terms the issue's criteria are stated in."""
+    from .render import md_table
+
+    budget_defs = budget_defs or BUDGETS
+    intro = _intro(records, budget_defs, reference)
+    lines = ["# PNNH ablation on Fashion-MNIST", "", f"Generated {_dt.date.today().isoformat()} by:", "", "```bash",
+             command, "```", "", *intro, ""]
+    if notes:
+        lines += [notes, ""]
+    for (b, d), cell in _cells(records).items():
+        lines += [f"## {b} budget, depth {d}", "", md_table(_cell_table(cell, reference)), ""]
+    if speed:
+        lines += ["## Training throughput, side by side", "", _SPEED_TEXT, "", md_table(_speed_table(speed)), ""]
+    return "\n".join(lines)
+
+
+def _figure_results(records: list[dict[str, Any]], budget: str, data: str) -> dict[str, Any]:
+    """One budget's finished runs in the study's results format (a variant plays a family), for the plots."""
+    from ..experiments.results import curves
+
+    runs = []
+    for r in records:
+        s = r["summary"]
+        if r["budget"] != budget or s is None:
+            continue
+        rec = {"family": r["variant"], "model": r["model"], "depth": r["depth"], "seed": r["seed"],
+               "status": s.get("status"), "model_kwargs": r["kwargs"]}
+        if s.get("status") == "complete":
+            rec.update({k: s.get(k) for k in ("params", "test_acc", "train_img_per_s", "wall_s")})
+            rec["curves"] = curves(s, Path(r["dir"]) / "metrics.jsonl")
+        runs.append(rec)
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    return {"study": {"families": variants, "data": data, "seeds": seeds}, "runs": runs}
+
+
+def write_html_report(path: Path, records: list[dict[str, Any]], command: str, notes: str = "",
+                      speed: list[dict] | None = None, budget_defs: dict[str, dict] | None = None,
+                      reference: str | None = "resnet", data: str = "fashion-mnist") -> Path:
+    """A self-contained HTML page: the Markdown report's tables plus, per budget, accuracy against
+    depth and parameters and the training-loss curves (plots embedded as PNG)."""
+    from ..utils import atomic_write_text
+    from .render import html_figure, html_page, html_table, make_figures
+
+    e = html.escape
+    budget_defs = budget_defs or BUDGETS
+    parts = ["<h1>PNNH ablation</h1>", f"<p>Command: <code>{e(command)}</code></p>"]
+    parts += [f"<p>{e(p)}</p>" for p in _intro(records, budget_defs, reference)]
+    if notes:
+        parts.append(f"<pre>{e(notes)}</pre>")
+    cells = _cells(records)
+    for b in dict.fromkeys(r["budget"] for r in records):
+        parts.append(f"<h2>{e(b)} budget ({e(json.dumps(budget_defs[b]))})</h2>")
+        for (cb, d), cell in cells.items():
+            if cb == b:
+                parts.append(f"<h3>depth {d}</h3>" + html_table(_cell_table(cell, reference)))
+        results = _figure_results(records, b, data)
+        if any(r["status"] == "complete" for r in results["runs"]):
+            figs = make_figures(results)
+            parts += [html_figure(f"{b} budget: {figs[k][0]}", figs[k][1])
+                      for k in ("accuracy_vs_depth", "accuracy_vs_params", "loss_curves") if k in figs]
+    if speed:
+        parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_SPEED_TEXT)}</p>"
+                     + html_table(_speed_table(speed)))
+    atomic_write_text(Path(path), html_page("pnnh ablation", parts))
+    return Path(path)
+
+
+def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 128, rounds: int = 6,
+                            steps_per_round: int = 2, img_size: int = 28, in_chans: int = 1) -> list[dict]:
+    """Training images/s of several models measured alternately in one process.
+
+    Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
+    of each model's rate is reported, with the ratio to the first model.
+    """
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from ..models import create_model
+
+    built = []
+    for name, kw in models:
+        torch.manual_seed(0)
+        m = create_model(name, num_classes=10, in_chans=in_chans, **kw).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        built.append((name, kw, m, opt))
+    x = torch.randn(batch_size, in_chans, img_size, img_size)
+    y = torch.randint(0, 10, (batch_size,))
+    rates: list[list[float]] = [[] for _ in built]
+    for r in range(rounds + 1):
+        for i, (_, _, m, opt) in enumerate(built):
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+            if r:  # round 0 warms up
+                rates[i].append(batch_size * steps_per_round / (time.perf_counter() - t0))
+    out = []
+    for (name, kw, m, _), rs in zip(built, rates):
+        out.append({"model": name, "kwargs": kw, "params": sum(p.numel() for p in m.parameters()),
+                    "img_s": statistics.median(rs)})
+    for o in out:
+        o["ratio"] = o["img_s"] / out[0]["img_s"]
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the command
+# -------------------------------------------------------------------------------------------------
+
+@click.command("ablate")
+@click.option("--variants", default=_DEFAULTS.get("variants"), show_default=True,
+              help="Comma-separated variant labels (see --list), or label=template:k=v,... with {d} for the depth.")
+@click.option("--depths", default=_DEFAULTS.get("depths"), show_default=True, help="Comma-separated CIFAR-layout depths.")
+@click.option("--seeds", default=_DEFAULTS.get("seeds"), show_default=True, help="Comma-separated seeds.")
+@click.option("--budgets", default=_DEFAULTS.get("budgets"), show_default=True,
+              help="short (150 steps) and/or long (5 epochs).")
+@click.option("--short-steps", type=int, help="Override the short budget's steps.")
+@click.option("--long-epochs", type=int, help="Override the long budget's epochs.")
+@click.option("--data", default="fashion-mnist", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--train-subset", type=int, help="Train on the first N images (quick checks only).")
+@click.option("--test-subset", type=int, help="Evaluate on the first N test images (quick checks only).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per run.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the Markdown report here (OUT/report.html is written either way).")
+@click.option("--speed/--no-speed", default=False, help="Also measure training img/s side by side (PNNH vs ResNet).")
+@click.option("--speed-variants", default=_DEFAULTS.get("speed_variants"), show_default=True,
+              help="Variants timed by --speed (the first is the reference of the ratio).")
+@click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
+@click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
+@click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
+@click.option("--reference", default="resnet", show_default=True,
+              help="Variant every other is compared with in the report (accuracy difference, parameter ratio); "
+                   "'' for none.")
+@launcher_options
+@click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
+def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
+               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, reference, list_,
+               **launch) -> None:
+    """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
+
+    Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
+    Variants, budgets and defaults: configs/ablate.yaml.
+    """
+    if list_:
+        for v in VARIANTS.values():
+            click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
+        return
+    launch_opts = launch_options_from(launch, threads)
+    try:
+        vs = split_variants(variants)
+        ds = [int(t) for t in depths.split(",") if t.strip()]
+        ss = [int(t) for t in seeds.split(",") if t.strip()]
+    except ValueError as e:
+        raise ConfigError(f"depths and seeds are comma-separated integers: {e}") from None
+    bs = [t.strip() for t in budgets.split(",") if t.strip()]
+    for b in bs:
+        if b not in BUDGETS:
+            raise ConfigError(f"unknown budget {b!r}; use {' and/or '.join(BUDGETS)}")
+    budget_defs = {k: dict(v) for k, v in BUDGETS.items()}
+    if short_steps:
+        budget_defs["short"] = {"steps": short_steps}
+    if long_epochs:
+        budget_defs["long"] = {"epochs": long_epochs}
+    base = {"data": data, "data_dir": data_dir, "train_subset": train_subset, "test_subset": test_subset,
+            "threads": threads}
+    records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
+                           launch=launch_opts)
+    speed_rows = None
+    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
+        svs = split_variants(speed_variants)
+        sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
+        speed_rows = []
+        for d in sds:
+            click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
+            speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
+    command = _command_line(speed)
+    text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
+                         budget_defs=budget_defs, reference=reference or None)
+    html_path = write_html_report(Path(out) / "report.html", records, command,
+                                  notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
+                                  budget_defs=budget_defs, reference=reference or None, data=data)
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(text)
+        click.echo(f"report -> {report_path} and {html_path}")
+    else:
+        click.echo(text)
+        click.echo(f"report -> {html_path}")
+
+
+def _command_line(speed: bool) -> str:
+    """The exact command, rebuilt from the parsed options (reproducible whatever the caller's argv was);
+    where runs executed (the launcher options) does not change the results and is left out."""
+    ctx = click.get_current_context()
+    parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]
+    skip = {"list_", "dry_run", "notes", "reference", "launcher", "jobs"}
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if p.name in skip or p.name.startswith("slurm_") or v is None or v is False or (
+                p.name.startswith("speed_") and not speed):
+            continue
+        if p.name == "speed":
+            parts.append("--speed" if v else "--no-speed")
+        else:
+            parts += [p.opts[0], str(v)]
+    return " ".join(shlex.quote(a) for a in parts)
