@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..train.config import RESUME_KEYS
 from .grid import Grid, Run
 
 __all__ = ["RESULT_KEYS", "MARKER_EXCLUDES", "summary", "finished", "has_checkpoint", "recorded_config",
            "conflicts", "check_grid", "write_marker", "marker_config"]
 
-# the engine's RESUME_KEYS plus the test subset
-RESULT_KEYS = ("model", "model_kwargs", "data", "train_subset", "epochs", "steps", "batch_size", "optimizer", "lr",
-               "momentum", "nesterov", "weight_decay", "schedule", "warmup", "label_smoothing", "augment", "seed",
-               "grad_clip", "test_subset")
+# the engine's RESUME_KEYS plus the test subset, which changes the reported accuracy
+RESULT_KEYS = RESUME_KEYS + ("test_subset",)
 # config fields left out of a marker file: where and how a run executes, not what it computes
 MARKER_EXCLUDES = ("out", "resume", "progress", "threads")
 FINISHED = ("complete", "diverged")
