@@ -14,6 +14,7 @@ import pnnh
 from pnnh.analysis.structure import find_residual_connections
 from pnnh.errors import ConfigError
 from pnnh.layers import PNNHConv2d
+from pnnh.models.resnet import cifar_resnet
 
 
 # -- torchvision/models/resnet.py ------------------------------------------------------------------
@@ -256,15 +257,21 @@ def test_timm_resnets_become_plain_and_pnnh_twins(block):
     _check_twins(model, torch.randn(2, 3, 16, 16))
 
 
+def _preact_plain20(**kwargs):
+    """The pre-activation ResNet-20's plain twin (no registered name: built by the family's builder)."""
+    return cifar_resnet(20, preact=True, plain=True, num_classes=10, in_chans=1, **kwargs)
+
+
 @pytest.mark.parametrize("name, plain_name, plain_kwargs", [("resnet20", "plain20", {}),
-                                                            ("preact_resnet20", "preact_resnet20", {"shortcut": None}),
+                                                            ("preact_resnet20", _preact_plain20, {}),
                                                             ("resnet50", "plain50", {"width": 0.25})])
 def test_pnnh_resnets_become_their_registered_twins(name, plain_name, plain_kwargs):
     torch.manual_seed(0)
     model = pnnh.create_model(name, **({"width": 0.25} if name == "resnet50" else {})).eval()
     x = torch.randn(2, 1, 28, 28)
     plain = pnnh.convert(model, to="plain")
-    registered_plain = pnnh.create_model(plain_name, **plain_kwargs)
+    registered_plain = (plain_name(**plain_kwargs) if callable(plain_name)
+                        else pnnh.create_model(plain_name, **plain_kwargs))
     registered_plain.load_state_dict(plain.state_dict())  # the same tensors under the same names ...
     torch.testing.assert_close(plain(x), registered_plain.eval()(x))  # ... and the same function
     assert not find_residual_connections(plain) and not hasattr(plain, "pnnh_name")
