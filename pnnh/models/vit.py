@@ -230,6 +230,14 @@ class MirrorCoder(nn.Module):
         return f"dim={self.dim}, coder_dim={self.coder_dim}, gain={self.gain}"
 
 
+def _coder_dim(dim: int, coder_dim: int | None) -> int:
+    """The coder width of a PNNH block: ``dim`` by default, else in ``[1, dim]``."""
+    coder_dim = dim if coder_dim is None else coder_dim
+    if not 1 <= coder_dim <= dim:
+        raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
+    return coder_dim
+
+
 class Block(nn.Module):
     """Residual pre-norm block: ``x + drop_path(attn(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``."""
 
@@ -286,9 +294,7 @@ class PNNHBlock(nn.Module):
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  coder_dim: int | None = None, coder_gain: float = 1.0):
         super().__init__()
-        coder_dim = dim if coder_dim is None else coder_dim
-        if not 1 <= coder_dim <= dim:
-            raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
+        coder_dim = _coder_dim(dim, coder_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=0.0)
         self.coder1 = MirrorCoder(dim, coder_dim, coder_gain)
@@ -368,9 +374,7 @@ class PNNHParallelBlock(nn.Module):
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  coder_dim: int | None = None, coder_gain: float = 1.0):
         super().__init__()
-        coder_dim = dim if coder_dim is None else coder_dim
-        if not 1 <= coder_dim <= dim:
-            raise ConfigError(f"coder_dim must be in [1, {dim}], got {coder_dim}")
+        coder_dim = _coder_dim(dim, coder_dim)
         if dim % num_heads:
             raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         hidden = round(mlp_ratio * dim) - 2 * coder_dim
