@@ -12,7 +12,7 @@ study: setup
 test:
 	VENV=$(VENV) WITH_BROWSER=1 WITH_SLURM=1 bash scripts/setup.sh
 	$(BIN)/python -m pytest -q --ignore=tests/train/test_distributed.py
-	$(BIN)/python -m pytest -q tests/train/test_distributed.py  # torchrun jobs, in a fresh process (see docs/reliability.md)
+	$(BIN)/python -m pytest -q tests/train/test_distributed.py  # torchrun jobs, in a process of their own
 
 # The GPU check (docs/benchmarks.md): on a CUDA machine, within 8 minutes, into $(GPU_OUT)/gpu_check.{json,md}.
 GPU_OUT ?= runs/gpu-check
