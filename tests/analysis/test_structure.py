@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import pnnh
 from pnnh.analysis.structure import find_residual_connections, is_plain
 from pnnh.models import list_models, model_info
+from resnet_replicas import TVBasicBlock, conv1x1
 
 
 def _representatives(family: str) -> list[str]:
@@ -184,33 +185,14 @@ def test_projection_shortcut_names_the_shorter_path():
     assert (f.shortcut_layers, f.branch_layers) == (1, 2) and f.shortcut_operand.startswith("proj")
 
 
-class _TorchvisionBasicBlock(nn.Module):
-    """torchvision's BasicBlock, as written there: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))``."""
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
+def _projection_block(inplanes, planes, stride=1):
+    """torchvision's BasicBlock with its projection shortcut: ``relu(bn2(conv2(...)) + downsample(x))``."""
+    downsample = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+    return TVBasicBlock(inplanes, planes, stride, downsample)
 
 
 def test_a_resnet_of_projection_blocks_only_is_not_plain():
-    net = nn.Sequential(_TorchvisionBasicBlock(3, 8), _TorchvisionBasicBlock(8, 16, 2), _TorchvisionBasicBlock(16, 16))
+    net = nn.Sequential(_projection_block(3, 8), _projection_block(8, 16, 2), _projection_block(16, 16))
     found = find_residual_connections(net, torch.randn(2, 3, 16, 16))
     assert len(found) == 3
     assert {f.shape for f in found} == {(2, 8, 16, 16), (2, 16, 8, 8)}
