@@ -8,8 +8,9 @@ statistics, as the first training step sees them)::
 
     python scripts/learner_density.py --model pnnh56 --biases -0.5,0,0.5,1
 
-``--path-param init`` (the default here) is the net measured in session 4 (docs/pnnh.md); with
-``dirac`` (the model default since session 5) the gradients are those of ``V``.
+``--path-param init`` (the default here) keeps the internal path in the initial weights only (the net
+of the learner-bias ablation, docs/results/pnnh_log.md); with ``dirac`` (the model default) the
+gradients are those of ``V``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Minor page faults and time per CPU training step, model by model, with or without the malloc tuning.
 
 A training step frees its activations in the backward pass; untuned, glibc hands that memory back
-to the kernel and the next step faults it in again page by page (docs/benchmarks.md, session 6)::
+to the kernel and the next step faults it in again page by page (docs/benchmarks.md, "PNNH vs ResNet")::
 
     python scripts/step_faults.py --models plain56,pnnh56,resnet56
     PNNH_MALLOC_TUNING=0 python scripts/step_faults.py --models plain56,pnnh56,resnet56

@@ -27,7 +27,7 @@ A step that fails, raises or runs out of time is recorded as such (status, error
 log) and the next one runs. The JSON and the Markdown are rewritten after every step, so an
 interrupted run still leaves what it measured. ``--dry-run`` runs every step on the CPU with tiny
 models and sizes (no timm/torchvision, no compile) in well under a minute: the test suite runs it so
-that the check cannot rot between GPU sessions.
+that the check cannot rot between runs on a GPU machine.
 """
 
 from __future__ import annotations
