@@ -42,13 +42,7 @@ from ..experiments.state import check_grid, finished
 from ..utils import atomic_write_text, remove_stale_temp_files
 
 __all__ = ["Family", "Preset", "FAMILIES", "PRESETS", "StudyRun", "Study", "load_families", "load_preset",
-           "plan_study", "study_grid", "check_study_dir", "run_study", "collect_results", "write_results",
-           "DIAGNOSTICS_HOOK"]
-
-# Optional diagnostics section (issue 5): if ``pnnh.analysis`` defines
-# ``study_section(results: dict, study_dir: Path) -> pnnh.report.render.Section | None``,
-# the report includes the section it returns. Nothing happens while it does not exist.
-DIAGNOSTICS_HOOK = ("pnnh.analysis", "study_section")
+           "plan_study", "study_grid", "check_study_dir", "run_study", "collect_results", "write_results"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -329,24 +323,9 @@ def run_study(study: Study, *, log: Callable[[str], None] = print, render: bool 
     if render:
         from .render import write_report
 
-        paths = write_report(out, results, sections=_diagnostics_sections(results, out, log))
+        paths = write_report(out, results)
         log(f"report: {paths['md']} and {paths['html']} (open in a browser)")
     return results
-
-
-def _diagnostics_sections(results: dict[str, Any], out: Path, log: Callable[[str], None]) -> list:
-    """The optional diagnostics section (see :data:`DIAGNOSTICS_HOOK`); empty until it exists."""
-    import importlib
-
-    mod_name, fn_name = DIAGNOSTICS_HOOK
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name, None)
-    except ImportError:
-        return []
-    if fn is None:
-        return []
-    section = fn(results, out)
-    return [section] if section is not None else []
 
 
 # -------------------------------------------------------------------------------------------------
