@@ -55,13 +55,13 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models import create_model, is_factory_spec, load_factory, model_info
 from .fuse import deploy, unfused_kernels
+from ..train.device import AMP_DTYPES, autocast, resolve_device
 from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
 
 __all__ = ["BenchConfig", "run_bench", "build_external", "is_external", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
 MODES = ("train", "infer")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
 
 @dataclass
@@ -376,18 +376,13 @@ class _Runner:
         amp_dtype = AMP_DTYPES[ms.amp]
         self.dtype = str(amp_dtype or torch.float32).replace("torch.", "")
 
-        def autocast():
-            if amp_dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
         if train:
             self.opt = build_optimizer(model, TrainConfig())  # the engine's default optimizer
             scaler = torch.amp.GradScaler(device.type, enabled=ms.amp == "fp16")
 
             def step():
                 self.opt.zero_grad(set_to_none=True)
-                with autocast():
+                with autocast(device, amp_dtype):
                     loss = F.cross_entropy(fwd(self.x).float(), self.y)
                 scaler.scale(loss).backward()
                 scaler.step(self.opt)
@@ -396,7 +391,7 @@ class _Runner:
             self.opt = None
 
             def step():
-                with torch.inference_mode(), autocast():
+                with torch.inference_mode(), autocast(device, amp_dtype):
                     fwd(self.x)
         self.step = step
         self.times: list[float] = []  # per-step seconds
@@ -424,16 +419,6 @@ class _Runner:
 # the benchmark
 # -------------------------------------------------------------------------------------------------
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA device is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"device must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
-
-
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every model of ``cfg`` side by side; return ``{"config", "machine", "peak", "rows"}``.
 
@@ -443,7 +428,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     log = log or (lambda s: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     # as the training engine does, so the bench measures what training runs; whether freed host
     # memory stays in the process moves CPU step times, so the result records it
     malloc_tuned = tune_glibc_malloc() if device.type == "cpu" else None

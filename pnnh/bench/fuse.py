@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..models.layers import fold_batchnorm
 
 __all__ = ["deploy", "fold_conv_bn", "ConvReLU2d", "unfused_kernels"]
 
@@ -63,19 +64,10 @@ class _DeployTracer(fx.Tracer):
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A new conv computing ``bn(conv(x))`` with ``bn`` in eval mode (weights copied, never shared)."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ConfigError(f"cannot fold {bn}: it keeps no running statistics (track_running_stats=False)")
+    w, b = fold_batchnorm(conv.weight, conv.bias, bn)  # float64, rounded once
     fused = copy.deepcopy(conv)
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)  # fold in float64, then round once
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    w = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-    b = shift if conv.bias is None else conv.bias.double() * scale + shift
-    fused.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
-    fused.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    fused.bias = nn.Parameter(b, requires_grad=False)
     return fused
 
 

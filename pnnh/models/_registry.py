@@ -24,8 +24,9 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelNotFoundError, PnnhError
+from .layers import cifar_depth_is_bottleneck
 
-__all__ = ["register_model", "register_builder", "register_resolver", "create_model", "list_models", "model_info",
+__all__ = ["register_model", "register_builder", "register_resolver", "register_cifar_depths", "create_model", "list_models", "model_info",
            "ModelInfo", "is_model", "is_factory_spec", "load_factory", "model_label", "model_slug"]
 
 
@@ -106,6 +107,23 @@ def _resolve(name: str) -> bool:
             _RESOLVED[name] = _MODELS.pop(name)
             return True
     return False
+
+
+def register_cifar_depths(families: tuple[str, ...], add: Callable[[str, str, int, bool], None]) -> None:
+    """Let ``<family><depth>`` build at every valid CIFAR-layout depth (``resnet14``, ``pnnh26``), not
+    only the registered ones: the first request for such a name calls ``add(name, family, depth,
+    bottleneck)``, which registers it (a 6n+2 depth gets basic blocks, else a 9n+2 depth bottlenecks)."""
+    pattern = re.compile(rf"({'|'.join(families)})(\d+)")
+
+    def resolve(name: str) -> bool:
+        m = pattern.fullmatch(name)
+        bottleneck = cifar_depth_is_bottleneck(int(m[2])) if m else None
+        if bottleneck is None:
+            return False
+        add(name, m[1], int(m[2]), bottleneck)
+        return True
+
+    register_resolver(resolve)
 
 
 def is_model(name: str) -> bool:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import conv1x1, conv3x3
-from .resnet import ResNet, _cifar_layers, make_shortcut
+from .layers import DropPath, cifar_layers, conv1x1, conv3x3
+from .resnet import ResNet, make_shortcut
 
 __all__ = [
     "ResidualBlock", "BasicResidual", "BottleneckResidual", "PreActBasicResidual", "PreActBottleneckResidual",
@@ -91,29 +91,6 @@ class HighwayGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.conv2d(x, self.weight, self.bias, stride=self.stride))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample: in training, zero the input of a random fraction ``p`` of the
-    samples and scale the others by ``1/(1-p)``; the identity in eval.
-
-    Huang et al. 2016 drop without rescaling and scale by the survival rate at test time; the
-    "inverted" form used here (as timm) has the same expectation and leaves eval untouched.
-    """
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p:.3g}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -360,7 +337,7 @@ def _register() -> None:
 
     def basic(depth, **preset):
         def build(**kwargs):
-            return catalogue_resnet(_cifar_layers(depth, False), **{**preset, **kwargs})
+            return catalogue_resnet(cifar_layers(depth, False), **{**preset, **kwargs})
         return build
 
     for d in (20, 56, 110):
@@ -395,7 +372,7 @@ def _register() -> None:
     def resnext(depth, c, d, width):
         def build(**kwargs):
             preset = dict(block="bottleneck", cardinality=c, group_width=d, width=width)
-            return catalogue_resnet(_cifar_layers(depth, True), **{**preset, **kwargs})
+            return catalogue_resnet(cifar_layers(depth, True), **{**preset, **kwargs})
         return build
 
     # Xie et al.'s CIFAR template: stage widths 64/128/256 (width 4), block outputs 256/512/1024

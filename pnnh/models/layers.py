@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 
-__all__ = ["cnn_layout", "conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "PooledClassifierHead", "init_weights", "INITS",
+__all__ = ["cnn_layout", "cifar_layers", "cifar_depth_is_bottleneck", "IMAGENET_LAYERS", "conv3x3", "conv1x1", "PadShortcut", "ProjectionShortcut", "DropPath", "fold_batchnorm", "PooledClassifierHead", "init_weights", "INITS",
            "DiracWeight", "dirac_weight", "dirac_parametrize", "mirror", "memory_format"]
 
 
@@ -34,6 +34,31 @@ def cnn_layout(layout: str, layers, width: float, img_size: int | None, stem: st
     if stem == "auto":
         stem = "cifar" if layout == "cifar" else ("small" if img_size <= 64 else "imagenet")
     return widths, img_size, stem
+
+
+def cifar_layers(depth: int, bottleneck: bool) -> tuple[int, int, int]:
+    """Blocks per stage of a CIFAR-layout net of ``depth`` weighted layers (6n+2 basic, 9n+2 bottleneck)."""
+    per, extra = (9, 2) if bottleneck else (6, 2)
+    if (depth - extra) % per or depth < per + extra:
+        kind = "9n+2 (bottleneck)" if bottleneck else "6n+2 (basic)"
+        raise ConfigError(f"CIFAR-layout depth must be {kind}, got {depth}")
+    n = (depth - extra) // per
+    return (n, n, n)
+
+
+def cifar_depth_is_bottleneck(depth: int) -> bool | None:
+    """For a depth not registered by name: basic blocks when it is 6n+2, else bottleneck blocks when
+    it is 9n+2, None when it is neither (He et al. register 164 and 1001 as bottleneck)."""
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return False
+    if depth >= 11 and (depth - 2) % 9 == 0:
+        return True
+    return None
+
+
+# blocks per stage of the ImageNet-layout ResNets (He et al. 2016, table 1), by depth
+IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+                   101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -114,28 +139,88 @@ class ProjectionShortcut(nn.Sequential):
         super().__init__(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
 
 
-class PooledClassifierHead:
-    """The head of a CNN: global pool -> dropout -> linear, and the uniform model interface on it.
+class DropPath(nn.Module):
+    """Stochastic depth per sample: in training, zero the input of a random fraction ``p`` of the
+    samples and scale the others by ``1/(1-p)``; the identity in eval.
 
-    Mixed into ``nn.Module`` families that define ``forward_features`` and the attributes
-    ``global_pool``, ``head_drop``, ``fc``, ``num_features`` and ``num_classes``.
+    The mask has one entry per sample (``(B, 1, ...)``), so images ``(B, C, H, W)`` and tokens
+    ``(B, N, C)`` are dropped whole. Huang et al. 2016 drop without rescaling and scale by the
+    survival rate at test time; the "inverted" form used here (as timm) has the same expectation and
+    leaves eval untouched.
     """
 
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:  # module state, not data: fx-safe
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3g}"
+
+
+@torch.no_grad()
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight', bias')`` of a conv or linear layer followed by ``bn`` in eval mode, one layer.
+
+    ``s = gamma / sqrt(var + eps)`` per output channel, ``W' = s W`` and ``b' = beta + s (b - mean)``,
+    computed in float64 and rounded once to ``weight``'s dtype. ``gamma``/``beta`` default to 1/0
+    when ``bn`` has no affine parameters.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ConfigError(f"cannot fold {bn}: it keeps no running statistics (track_running_stats=False)")
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    w = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    b = shift if bias is None else bias.double() * scale + shift
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+class PooledClassifierHead:
+    """The head of a classifier: pool -> dropout -> linear, and the uniform model interface on it.
+
+    Mixed into ``nn.Module`` families that define ``forward_features`` and the attributes
+    ``head_drop``, ``num_features`` and ``num_classes``, and the linear layer named
+    ``classifier_name`` (``fc`` for CNNs). :meth:`pool` is global pooling of a feature map through
+    ``global_pool``; :meth:`init_classifier_` draws the linear layer's weights (normal, std 0.01, zero
+    bias). A family overrides the two where its features or init differ (the ViT's tokens).
+    """
+
+    classifier_name = "fc"
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.global_pool(x), 1)
+
+    @staticmethod
+    def init_classifier_(fc: nn.Linear) -> None:
+        nn.init.normal_(fc.weight, std=0.01)
+        nn.init.zeros_(fc.bias)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.fc(x)
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
-        return self.fc
+        return getattr(self, self.classifier_name)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        fc = nn.Linear(self.num_features, num_classes)
+        self.init_classifier_(fc)
+        setattr(self, self.classifier_name, fc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,10 +230,16 @@ class PooledClassifierHead:
 INITS = ("he", "dirac", "dirac_param", "delta_orthogonal")
 
 
-def _he_(w: torch.Tensor) -> None:
-    # fan-in He normal, W ~ N(0, 2/n) with n = fan-in: keeps the forward second moment through
-    # ReLU layers; this is the init under which the PNNH paper states its theory.
-    nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")
+def _he_(w: torch.Tensor, fan_in: int | None = None, scale: float = 1.0) -> None:
+    """Fan-in He normal, ``W ~ N(0, scale^2 * 2/n)`` with ``n = fan_in`` (default: the fan-in of
+    ``w`` itself, ``w[0].numel()``; a slice of a layer's weight passes the layer's).
+
+    It keeps the forward second moment through ReLU layers; this is the init under which the PNNH
+    paper states its theory.
+    """
+    fan_in = fan_in or w[0].numel()
+    with torch.no_grad():
+        w.normal_(0.0, scale * math.sqrt(2.0 / fan_in))
 
 
 def _dirac_(w: torch.Tensor) -> None:
@@ -309,5 +400,4 @@ def init_weights(model: nn.Module, init: str = "he", skip: tuple[nn.Module, ...]
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+            PooledClassifierHead.init_classifier_(m)

@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_builder, register_resolver
-from .layers import DiracWeight, PooledClassifierHead, cnn_layout, init_dirac_param_, mirror
+from ._registry import register_builder, register_cifar_depths
+from .layers import (IMAGENET_LAYERS, DiracWeight, PooledClassifierHead, _he_, cifar_layers, cnn_layout,
+                     fold_batchnorm, init_dirac_param_, mirror)
 
 __all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "PNNHSequential", "pnnh_stage", "PicksKernels", "TiedCoderLayer", "PNNHBlock", "PNNHNet", "CoderSpec", "CODERS",
            "CODER_INITS", "cifar_pnnh", "imagenet_pnnh", "upgrade_state_dict"]
@@ -51,11 +52,6 @@ CODERS = ("mirror", "shared", "tied")
 CODER_INITS = ("identity", "orthogonal", "he")
 LEARNER_INITS = ("he", "dirac")
 PATH_PARAMS = ("auto", "init", "dirac")
-
-
-def _he_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
-    with torch.no_grad():
-        w.normal_(0.0, scale * math.sqrt(2.0 / fan_in))
 
 
 class CoderSpec:
@@ -95,6 +91,16 @@ class CoderSpec:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
         n_code = int(round(self.ratio * width / 2))
         return width - 2 * n_code, n_code
+
+    def code_layout(self, n_in: int, n_out: int, n_code: int | None, in_code: int | None,
+                    unit: str = "channels") -> tuple[int, int]:
+        """``(n_code, in_code)`` of a layer from ``n_in`` to ``n_out`` channels (or features): the
+        given ones, or this spec's :meth:`split` of each width; checked to fit (``2 n_code <= n_out``)."""
+        n_code = self.split(n_out)[1] if n_code is None else n_code
+        in_code = self.split(n_in)[1] if in_code is None else in_code
+        if 2 * n_code > n_out or 2 * in_code > n_in:
+            raise ConfigError(f"coder {unit} do not fit: 2*{n_code} > {n_out} or 2*{in_code} > {n_in}")
+        return n_code, in_code
 
 
 class PicksKernels:
@@ -152,10 +158,7 @@ class PNNHConv2d(PicksKernels, nn.Module):
         super().__init__()
         spec = spec or CoderSpec()
         in_ch, out_ch, k = in_channels, out_channels, kernel_size
-        n_code = spec.split(out_ch)[1] if n_code is None else n_code
-        in_code = spec.split(in_ch)[1] if in_code is None else in_code
-        if 2 * n_code > out_ch or 2 * in_code > in_ch:
-            raise ConfigError(f"coder channels do not fit: 2*{n_code} > {out_ch} or 2*{in_code} > {in_ch}")
+        n_code, in_code = spec.code_layout(in_ch, out_ch, n_code, in_code)
         self.in_ch, self.out_ch, self.n_code, self.in_code = in_ch, out_ch, n_code, in_code
         self.n_learn = out_ch - 2 * n_code
         self.stride, self.padding, self.kernel_size = stride, k // 2, k
@@ -269,17 +272,14 @@ class PNNHConv2d(PicksKernels, nn.Module):
         """The equivalent plain conv of this layer in eval mode: ``(weight, bias)`` such that
         ``layer(x) == relu(conv2d(x, weight, bias, stride, padding))``.
 
-        BN (running statistics) is folded into the conv: ``s = gamma / sqrt(var + eps)``,
-        rows ``[s_l W_l; s_c W_c; -s_c W_c]`` and bias ``[b_l; b_c; -b_c]`` with
-        ``b = beta - s * mean``. The tied rows are the coder's weight sharing made explicit.
+        BN (running statistics) is folded into the conv (:func:`~pnnh.models.layers.fold_batchnorm`):
+        ``s = gamma / sqrt(var + eps)``, rows ``[s_l W_l; s_c W_c; -s_c W_c]`` and bias
+        ``[b_l; b_c; -b_c]`` with ``b = beta - s * mean``. The tied rows are the coder's weight
+        sharing made explicit.
         """
-        w = self.conv_weight()
-        bn = self.bn
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        wf = w * s.view(-1, 1, 1, 1)
-        bf = bn.bias - s * bn.running_mean
+        wf, bf = fold_batchnorm(self.conv_weight(), None, self.bn)
         n = self.n_learn
-        return torch.cat([wf, -wf[n:]], 0).clone(), torch.cat([bf, -bf[n:]], 0).clone()
+        return torch.cat([wf, -wf[n:]], 0), torch.cat([bf, -bf[n:]], 0)
 
     @torch.no_grad()
     def as_plain_conv(self) -> nn.Sequential:
@@ -526,8 +526,7 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_ch, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        self.init_classifier_(self.fc)
         self.default_cfg = dict(input_size=(in_chans, img_size, img_size), num_classes=num_classes, layout=layout)
 
     # -- uniform interface ---------------------------------------------------------------------
@@ -549,25 +548,15 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
 # Registered entry points: pnnh* (default coder) and llplain* (looks-linear, all channels coder)
 # -------------------------------------------------------------------------------------------------
 
-def _cifar_layers(depth: int, bottleneck: bool) -> tuple[int, int, int]:
-    from .resnet import _cifar_layers as layers
-
-    return layers(depth, bottleneck)
-
-
-_IMAGENET = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True, (3, 4, 6, 3)),
-             101: (True, (3, 4, 23, 3)), 152: (True, (3, 8, 36, 3))}
-
-
 def cifar_pnnh(depth: int, *, bottleneck: bool = False, **kwargs) -> PNNHNet:
     """CIFAR-layout PNNH net of ``depth`` weighted layers (6n+2 basic / 9n+2 bottleneck)."""
-    return PNNHNet(_cifar_layers(depth, bottleneck), bottleneck, layout="cifar", **kwargs)
+    return PNNHNet(cifar_layers(depth, bottleneck), bottleneck, layout="cifar", **kwargs)
 
 
 def imagenet_pnnh(depth: int, **kwargs) -> PNNHNet:
     """ImageNet-layout PNNH-18/34/50/101/152."""
-    bottleneck, layers = _IMAGENET[depth]
-    return PNNHNet(layers, bottleneck, layout="imagenet", **kwargs)
+    block, layers = IMAGENET_LAYERS[depth]
+    return PNNHNet(layers, block == "bottleneck", layout="imagenet", **kwargs)
 
 
 def _looks_linear(builder):
@@ -581,49 +570,40 @@ def _looks_linear(builder):
     return build
 
 
-def _register_family() -> None:
-    def add(name, family, depth, layout, builder, doc):
-        register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout, fixed=("bottleneck",))
+def _add(name: str, family: str, depth: int, layout: str, builder, doc: str) -> None:
+    register_builder(globals(), name, builder, doc, family=family, depth=depth, layout=layout, fixed=("bottleneck",))
 
+
+def _register_family() -> None:
     for d in (8, 20, 32, 44, 56, 110, 1202):
-        add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),
-            f"PNNH-{d}: ResNet-{d}'s layout as mirrored learner+coder layers, no shortcut.")
-        add(f"llplain{d}", "looks_linear", d, "cifar", _looks_linear(lambda d=d, **k: cifar_pnnh(d, **k)),
-            f"Looks-linear plain-{d}: CReLU with mirrored identity init on every channel.")
+        _add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, **k),
+             f"PNNH-{d}: ResNet-{d}'s layout as mirrored learner+coder layers, no shortcut.")
+        _add(f"llplain{d}", "looks_linear", d, "cifar", _looks_linear(lambda d=d, **k: cifar_pnnh(d, **k)),
+             f"Looks-linear plain-{d}: CReLU with mirrored identity init on every channel.")
     for d in (164, 1001):
-        add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k),
-            f"PNNH-{d}: bottleneck ResNet-{d}'s layout as learner+coder layers, no shortcut.")
-        add(f"llplain{d}", "looks_linear", d, "cifar",
-            _looks_linear(lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k)),
-            f"Looks-linear plain-{d} (bottleneck layout).")
-    for d in _IMAGENET:
-        add(f"pnnh{d}", "pnnh", d, "imagenet", lambda d=d, **k: imagenet_pnnh(d, **k),
-            f"PNNH-{d}: ResNet-{d}'s ImageNet layout as learner+coder layers, no shortcut.")
-        add(f"llplain{d}", "looks_linear", d, "imagenet", _looks_linear(lambda d=d, **k: imagenet_pnnh(d, **k)),
-            f"Looks-linear plain-{d} (ImageNet layout).")
+        _add(f"pnnh{d}", "pnnh", d, "cifar", lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k),
+             f"PNNH-{d}: bottleneck ResNet-{d}'s layout as learner+coder layers, no shortcut.")
+        _add(f"llplain{d}", "looks_linear", d, "cifar",
+             _looks_linear(lambda d=d, **k: cifar_pnnh(d, bottleneck=True, **k)),
+             f"Looks-linear plain-{d} (bottleneck layout).")
+    for d in IMAGENET_LAYERS:
+        _add(f"pnnh{d}", "pnnh", d, "imagenet", lambda d=d, **k: imagenet_pnnh(d, **k),
+             f"PNNH-{d}: ResNet-{d}'s ImageNet layout as learner+coder layers, no shortcut.")
+        _add(f"llplain{d}", "looks_linear", d, "imagenet", _looks_linear(lambda d=d, **k: imagenet_pnnh(d, **k)),
+             f"Looks-linear plain-{d} (ImageNet layout).")
 
 
 _register_family()
 
 
-@register_resolver
-def _any_cifar_depth(name: str) -> bool:
-    """``pnnh14``, ``llplain26`` ...: every valid CIFAR depth resolves by name."""
-    import re
-
-    from .resnet import cifar_depth_is_bottleneck
-
-    m = re.fullmatch(r"(pnnh|llplain)(\d+)", name)
-    bottleneck = cifar_depth_is_bottleneck(int(m[2])) if m else None
-    if bottleneck is None:
-        return False
-    d = int(m[2])
+def _add_cifar_depth(name: str, prefix: str, d: int, bottleneck: bool) -> None:
     builder = lambda **k: cifar_pnnh(d, bottleneck=bottleneck, **k)  # noqa: E731
-    family = "pnnh" if m[1] == "pnnh" else "looks_linear"
-    register_builder(globals(), name, builder if family == "pnnh" else _looks_linear(builder),
-                     f"{m[1]} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.",
-                     family=family, depth=d, layout="cifar", fixed=("bottleneck",))
-    return True
+    family = "pnnh" if prefix == "pnnh" else "looks_linear"
+    _add(name, family, d, "cifar", builder if family == "pnnh" else _looks_linear(builder),
+         f"{prefix} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.")
+
+
+register_cifar_depths(("pnnh", "llplain"), _add_cifar_depth)
 
 
 from . import kernels  # noqa: E402  (the CPU training kernels subclass the layer above)

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .layers import DiracWeight, init_dirac_param_
+from .layers import DiracWeight, _he_, init_dirac_param_
 from .pnnh_cnn import CoderSpec
 
 __all__ = ["PNNHLinear"]
@@ -45,10 +44,7 @@ class PNNHLinear(nn.Module):
                  spec: CoderSpec | None = None, bias: bool = True):
         super().__init__()
         spec = spec or CoderSpec()
-        n_code = spec.split(out_features)[1] if n_code is None else n_code
-        in_code = spec.split(in_features)[1] if in_code is None else in_code
-        if 2 * n_code > out_features or 2 * in_code > in_features:
-            raise ConfigError(f"coder features do not fit: 2*{n_code} > {out_features} or 2*{in_code} > {in_features}")
+        n_code, in_code = spec.code_layout(in_features, out_features, n_code, in_code, "features")
         self.in_features, self.out_features, self.n_code, self.in_code = in_features, out_features, n_code, in_code
         self.n_learn = out_features - 2 * n_code
         self.weight = nn.Parameter(torch.empty(self.n_learn + n_code, in_features))
@@ -82,7 +78,7 @@ class PNNHLinear(nn.Module):
             rows = slice(self.n_learn, self.n_learn + m)
             path[rows, n_in_learn:n_in_learn + m] = q
             path[rows, n_in_learn + self.in_code:n_in_learn + self.in_code + m] = -q
-        self.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+        _he_(self.weight, fan_in)
         if self.dirac is not None:
             self.dirac.path.copy_(path)
             init_dirac_param_(self.weight, 0.1)

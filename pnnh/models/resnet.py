@@ -17,15 +17,15 @@ Every model has the uniform interface ``forward_features`` / ``forward_head`` /
 
 from __future__ import annotations
 
-import re
 from typing import Type
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ._registry import register_builder, register_resolver
-from .layers import PadShortcut, PooledClassifierHead, ProjectionShortcut, cnn_layout, conv1x1, conv3x3, init_weights
+from ._registry import register_builder, register_cifar_depths
+from .layers import (IMAGENET_LAYERS, PadShortcut, PooledClassifierHead, ProjectionShortcut, cifar_layers, cnn_layout,
+                     conv1x1, conv3x3, init_weights)
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "make_shortcut"]
 
@@ -246,40 +246,17 @@ class ResNet(PooledClassifierHead, nn.Module):
 # Registered entry points
 # -------------------------------------------------------------------------------------------------
 
-def _cifar_layers(depth: int, bottleneck: bool) -> tuple[int, int, int]:
-    per, extra = (9, 2) if bottleneck else (6, 2)
-    if (depth - extra) % per or depth < per + extra:
-        kind = "9n+2 (bottleneck)" if bottleneck else "6n+2 (basic)"
-        raise ConfigError(f"CIFAR-layout depth must be {kind}, got {depth}")
-    n = (depth - extra) // per
-    return (n, n, n)
-
-
-def cifar_depth_is_bottleneck(depth: int) -> bool | None:
-    """For a depth not registered by name: basic blocks when it is 6n+2, else bottleneck blocks when
-    it is 9n+2, None when it is neither (He et al. register 164 and 1001 as bottleneck)."""
-    if depth >= 8 and (depth - 2) % 6 == 0:
-        return False
-    if depth >= 11 and (depth - 2) % 9 == 0:
-        return True
-    return None
-
-
-_IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
-
-
 def cifar_resnet(depth: int, *, plain: bool = False, preact: bool = False, bottleneck: bool = False, **kwargs) -> ResNet:
     """Build a CIFAR-layout net of the given depth (6n+2 basic / 9n+2 bottleneck)."""
     block = ("preact_" if preact else "") + ("bottleneck" if bottleneck else "basic")
     default_sc = "B" if (bottleneck or preact) else "A"  # He et al.'s choices for each variant
     kwargs.setdefault("shortcut", None if plain else default_sc)
-    return ResNet(_cifar_layers(depth, bottleneck), block, layout="cifar", **kwargs)
+    return ResNet(cifar_layers(depth, bottleneck), block, layout="cifar", **kwargs)
 
 
 def imagenet_resnet(depth: int, *, plain: bool = False, **kwargs) -> ResNet:
     """Build an ImageNet-layout ResNet-18/34/50/101/152 (or its plain twin)."""
-    block, layers = _IMAGENET_LAYERS[depth]
+    block, layers = IMAGENET_LAYERS[depth]
     kwargs.setdefault("shortcut", None if plain else "B")
     return ResNet(layers, block, layout="imagenet", **kwargs)
 
@@ -293,50 +270,44 @@ def _keeps_shortcut(builder):
     return build
 
 
-def _register_family() -> None:
-    def add(name, family, depth, layout, builder, doc):
-        # the name says residual or plain: a plain twin takes no shortcut option, a residual net no shortcut=None
-        fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
-        register_builder(globals(), name, _keeps_shortcut(builder) if family != "plain" else builder, doc,
-                         family=family, depth=depth, layout=layout, fixed=fixed)
+def _add(name: str, family: str, depth: int, layout: str, builder, doc: str) -> None:
+    """Register one net of the family. The name says residual or plain: a plain twin takes no shortcut
+    option, a residual net no ``shortcut=None``."""
+    fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
+    register_builder(globals(), name, _keeps_shortcut(builder) if family != "plain" else builder, doc,
+                     family=family, depth=depth, layout=layout, fixed=fixed)
 
+
+def _register_family() -> None:
     for d in (8, 20, 32, 44, 56, 110, 1202):
-        add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),
-            f"ResNet-{d}, CIFAR layout, basic blocks, option-A shortcuts (He et al. 2016).")
-        add(f"plain{d}", "plain", d, "cifar", lambda d=d, **k: cifar_resnet(d, plain=True, **k),
-            f"Plain-{d}: ResNet-{d}'s layers with no shortcut.")
-        add(f"preact_resnet{d}", "preact_resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, preact=True, **k),
-            f"Pre-activation ResNet-{d}, CIFAR layout (He et al. 2016b).")
+        _add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, **k),
+             f"ResNet-{d}, CIFAR layout, basic blocks, option-A shortcuts (He et al. 2016).")
+        _add(f"plain{d}", "plain", d, "cifar", lambda d=d, **k: cifar_resnet(d, plain=True, **k),
+             f"Plain-{d}: ResNet-{d}'s layers with no shortcut.")
+        _add(f"preact_resnet{d}", "preact_resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, preact=True, **k),
+             f"Pre-activation ResNet-{d}, CIFAR layout (He et al. 2016b).")
     for d in (164, 1001):
-        add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, bottleneck=True, **k),
-            f"ResNet-{d}, CIFAR layout, bottleneck blocks.")
-        add(f"plain{d}", "plain", d, "cifar", lambda d=d, **k: cifar_resnet(d, bottleneck=True, plain=True, **k),
-            f"Plain-{d}: bottleneck ResNet-{d}'s layers with no shortcut.")
-        add(f"preact_resnet{d}", "preact_resnet", d, "cifar",
-            lambda d=d, **k: cifar_resnet(d, bottleneck=True, preact=True, **k),
-            f"Pre-activation bottleneck ResNet-{d} (He et al. 2016b).")
-    for d in _IMAGENET_LAYERS:
-        add(f"resnet{d}", "resnet", d, "imagenet", lambda d=d, **k: imagenet_resnet(d, **k),
-            f"ResNet-{d}, ImageNet layout.")
-        add(f"plain{d}", "plain", d, "imagenet", lambda d=d, **k: imagenet_resnet(d, plain=True, **k),
-            f"Plain-{d}: ResNet-{d}'s layers (ImageNet layout) with no shortcut.")
+        _add(f"resnet{d}", "resnet", d, "cifar", lambda d=d, **k: cifar_resnet(d, bottleneck=True, **k),
+             f"ResNet-{d}, CIFAR layout, bottleneck blocks.")
+        _add(f"plain{d}", "plain", d, "cifar", lambda d=d, **k: cifar_resnet(d, bottleneck=True, plain=True, **k),
+             f"Plain-{d}: bottleneck ResNet-{d}'s layers with no shortcut.")
+        _add(f"preact_resnet{d}", "preact_resnet", d, "cifar",
+             lambda d=d, **k: cifar_resnet(d, bottleneck=True, preact=True, **k),
+             f"Pre-activation bottleneck ResNet-{d} (He et al. 2016b).")
+    for d in IMAGENET_LAYERS:
+        _add(f"resnet{d}", "resnet", d, "imagenet", lambda d=d, **k: imagenet_resnet(d, **k),
+             f"ResNet-{d}, ImageNet layout.")
+        _add(f"plain{d}", "plain", d, "imagenet", lambda d=d, **k: imagenet_resnet(d, plain=True, **k),
+             f"Plain-{d}: ResNet-{d}'s layers (ImageNet layout) with no shortcut.")
 
 
 _register_family()
 
 
-@register_resolver
-def _any_cifar_depth(name: str) -> bool:
-    """``resnet14``, ``plain26``, ``preact_resnet38`` ...: every valid CIFAR depth resolves by name."""
-    m = re.fullmatch(r"(resnet|plain|preact_resnet)(\d+)", name)
-    bottleneck = cifar_depth_is_bottleneck(int(m[2])) if m else None
-    if bottleneck is None:
-        return False
-    family, d = m[1], int(m[2])
+def _add_cifar_depth(name: str, family: str, d: int, bottleneck: bool) -> None:
     opts = dict(plain=family == "plain", preact=family == "preact_resnet", bottleneck=bottleneck)
-    fixed = ("plain", "preact", "bottleneck") + (("shortcut",) if family == "plain" else ())
-    builder = lambda **k: cifar_resnet(d, **opts, **k)  # noqa: E731
-    register_builder(globals(), name, builder if family == "plain" else _keeps_shortcut(builder),
-                     f"{family} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.",
-                     family=family, depth=d, layout="cifar", fixed=fixed)
-    return True
+    _add(name, family, d, "cifar", lambda **k: cifar_resnet(d, **opts, **k),
+        f"{family} of depth {d}, CIFAR layout, {'bottleneck' if bottleneck else 'basic'} blocks.")
+
+
+register_cifar_depths(("resnet", "plain", "preact_resnet"), _add_cifar_depth)

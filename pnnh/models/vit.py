@@ -36,14 +36,16 @@ Python control flow, so every model is ``torch.fx``-traceable (the input-size ch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_model
-from .layers import dirac_weight, init_dirac_param_
+from ._registry import register_builder
+from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_param_
 
 __all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
@@ -93,27 +95,6 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.img_size, self.patch_size)
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth (per sample): zero a whole branch with probability ``p``, scale by ``1/(1-p)``.
-
-    Identity in eval mode. Tokens are ``(B, N, C)``; the mask is ``(B, 1, 1)``.
-    """
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:  # module state, not data: fx-safe
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class Attention(nn.Module):
@@ -561,7 +542,7 @@ BLOCKS = {"residual": Block, "plain": PlainBlock, "pnnh": PNNHBlock, "dirac": Di
 PNNH_CODERS = {"sublayer": PNNHBlock, "block": PNNHParallelBlock}  # the ``coder`` option of PNNH ViTs
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(PooledClassifierHead, nn.Module):
     """Residual, plain, PNNH, DiracNet-style or skipless Vision Transformer.
 
     Args:
@@ -588,6 +569,8 @@ class VisionTransformer(nn.Module):
             in PNNH blocks). attn_drop_rate: on attention weights. drop_path_rate: stochastic depth,
             linearly increasing to this value over the blocks (residual and PNNH only).
     """
+
+    classifier_name = "head"
 
     def __init__(self, *, img_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
@@ -697,22 +680,14 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x + pos)
         return self.norm(self.layers(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens to one vector per image: the class token, or the mean of the patch tokens."""
+        return x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+    @staticmethod
+    def init_classifier_(fc: nn.Linear) -> None:
+        nn.init.trunc_normal_(fc.weight, std=0.02)
+        nn.init.zeros_(fc.bias)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -740,27 +715,13 @@ _DOCS = {"residual": "ViT-{S}, depth {d}: pre-norm residual blocks (ViT/DeiT).",
          "skipless": "Skipless ViT-{S}, depth {d}: parallel block, shaped attention a I + b softmax - c U, no skip."}
 
 
-def _entry_point(name: str, size: str, depth: int, kind: str):
-    def fn(**kwargs):
-        fixed = sorted({"depth", "block"} & set(kwargs))
-        if fixed:
-            raise ConfigError(f"{name} fixes {' and '.join(fixed)} in its name; pick another registered model "
-                              f"(`pnnh models '*vit*'`) or build VisionTransformer(...) directly")
-        return vit(size, depth, kind, **kwargs)
-
-    fn.__name__ = name
-    return fn
-
-
 def _register_family() -> None:
-    g = globals()
     for family, kind in FAMILIES.items():
         for size, dims in SIZES.items():
             for d in DEPTHS:
-                name = f"{family}_{size}_d{d}"
-                fn = _entry_point(name, size, d, kind)
-                fn.__doc__ = _DOCS[kind].format(S=f"{size} (dim {dims['embed_dim']})", d=d)
-                g[name] = register_model(fn, family=family, depth=d, layout="vit")
+                register_builder(globals(), f"{family}_{size}_d{d}", functools.partial(vit, size, d, kind),
+                                 _DOCS[kind].format(S=f"{size} (dim {dims['embed_dim']})", d=d),
+                                 family=family, depth=d, layout="vit", fixed=("size", "block"))
 
 
 _register_family()

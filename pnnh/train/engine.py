@@ -32,6 +32,7 @@ from ..data import InMemoryLoader, load_dataset
 from ..errors import CheckpointError, ConfigError, DivergenceError, PeerError, PnnhError
 from . import distributed as dist_utils
 from ..utils import remove_stale_temp_files
+from .device import AMP_DTYPES, autocast, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint, read_state, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
@@ -83,7 +84,7 @@ def evaluate(model: nn.Module, loader: InMemoryLoader, device: torch.device, amp
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(x)
         totals += torch.tensor([F.cross_entropy(logits.float(), y, reduction="sum").item(),
                                 (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)
@@ -91,20 +92,6 @@ def evaluate(model: nn.Module, loader: InMemoryLoader, device: torch.device, amp
     model.train(was_training)
     n = max(totals[2].item(), 1.0)
     return {"loss": totals[0].item() / n, "acc": totals[1].item() / n, "count": int(totals[2].item())}
-
-
-def _autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 _RUN_LOCKS: dict[Path, Any] = {}  # run directory -> the open lock file this process holds
@@ -234,12 +221,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     threads = cfg.threads or dist_utils.default_threads()
     if threads:
         torch.set_num_threads(threads)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cpu":
         tune_glibc_malloc()  # keep freed activations' pages: no page faults at every step (train/malloc.py)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.amp]
+    amp_dtype = AMP_DTYPES[cfg.amp]
     resume = cfg.resume or _is_restart_of_this_job(cfg)
     out = _on_main(lambda: _prepare_out(cfg, resume), is_main)  # rank 0 prepares, every rank waits for it
     if not is_main:
@@ -344,7 +331,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = fwd(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss_val = loss.item()
@@ -511,7 +498,7 @@ def precise_bn(model: nn.Module, ds, cfg: TrainConfig, device: torch.device, amp
     rng = torch.get_rng_state()  # dropout / drop-path draw in train mode: leave the stream as it was
     try:
         for x, _ in loader:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 model(x.to(device, non_blocking=True))
             seen += x.shape[0]
     finally:
