@@ -23,12 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import InMemoryLoader, load_dataset
+from ..data.datasets import ArrayDataset
 from ..errors import ConfigError
+from .dists import to_gray_image
 from .gradients import gradient_correlation
 from .lesion import lesion_study, path_length_distribution, shortcut_path
 from .probes import ProbeTap, adopt_blocks, calibrate_batch_norm, get_blocks, resolve_norm_stats, resolve_probe_mode
-from .similarity import (cka_with_floor, dissipation_depth, features_for_gram, gram, noise_band,
-                         ridge_r2_with_floor, shuffles)
+from .similarity import (cka_with_floor, dissipation_depth, features_for_gram, gram, noise_band, ridge_r2_with_floor,
+                         shuffles)
 from .theory import PAPER_FORM, channel_moments, preactivation_stats, simulate_he_layers
 
 __all__ = ["DiagnoseConfig", "diagnose", "run_diagnostics", "channel_stats", "load_images", "summarize"]
@@ -247,7 +250,6 @@ def run_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 def _dists_metric(dists: nn.Module, probes, images: torch.Tensor, n_shuffles: int, z: float, size: int,
                   max_probes: int, seed: int) -> dict[str, Any]:
     """1 - DISTS between each selected probe's channel-mean map and the input, with a shuffled floor."""
-    from .dists import to_gray_image
 
     k = images.shape[0]
     with_map = [p for p in probes if "map" in p.value]
@@ -275,8 +277,6 @@ def _dists_metric(dists: nn.Module, probes, images: torch.Tensor, n_shuffles: in
 def load_images(data: str = "fashion-mnist", n: int = 512, data_dir: str | None = None, split: str = "test",
                 seed: int = 0, img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """A reproducible random sample of ``n`` normalised images and labels from a dataset split."""
-    from ..data import InMemoryLoader, load_dataset
-    from ..data.datasets import ArrayDataset
 
     ds = load_dataset(data, split, data_dir, img_size=img_size)
     if n < 1:

@@ -34,6 +34,8 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError
+from ..models import is_model, model_info
+from ..models.pnnh_cnn import PNNHLayer
 
 __all__ = ["get_blocks", "adopt_blocks", "activation_modules", "branch_end", "is_weight_layer", "resolve_probe_mode", "resolve_norm_stats", "calibrate_batch_norm",
            "ProbeTap", "Probe", "PROBE_MODES", "learner_activity"]
@@ -158,8 +160,6 @@ def resolve_probe_mode(model: nn.Module, mode: str) -> str:
         return "layers"
     name = getattr(model, "pnnh_name", None)
     if name is not None:
-        from ..models import is_model, model_info
-
         if is_model(name) and model_info(name).family == "plain" and activation_modules(model):
             return "layers"
     return "blocks"
@@ -351,7 +351,6 @@ def learner_activity(model: nn.Module, x: torch.Tensor) -> tuple[list[float], to
     them); the output is returned so a caller can also take gradients. The learner channels come
     first in a PNNH layer's output (``[learner | relu(e) | relu(-e)]``).
     """
-    from ..models.pnnh_cnn import PNNHLayer
 
     layers = [m for m in model.modules() if isinstance(m, PNNHLayer)]
     if not layers:

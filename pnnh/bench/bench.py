@@ -40,11 +40,15 @@ alternating rounds as the registered ones: ``resnet50,timm:resnet50,torchvision:
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib
 import math
 import os
 import platform
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -54,10 +58,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import create_model, is_factory_spec, load_factory, model_info
-from .fuse import deploy, unfused_kernels
+from ..train.config import TrainConfig
 from ..train.device import AMP_DTYPES, autocast, resolve_device
+from ..train.engine import build_optimizer
 from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
+from .fuse import deploy, unfused_kernels
 
 __all__ = ["BenchConfig", "run_bench", "build_external", "is_external", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
 
@@ -174,8 +180,6 @@ def is_external(name: str) -> bool:
 
 
 def _import_library(lib: str):
-    import importlib
-
     try:
         module = importlib.import_module("torchvision.models" if lib == "torchvision" else lib)
     except Exception as e:  # ImportError, or a build of the library that does not match this torch
@@ -191,8 +195,6 @@ def check_external(name: str, in_chans: int) -> None:
     module = _import_library(lib)
     known = module.list_models()  # timm.list_models, torchvision.models.list_models
     if arch not in known:
-        import difflib
-
         close = difflib.get_close_matches(arch, known, 3)
         raise ConfigError(f"unknown {lib} model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if lib == "torchvision" and in_chans != 3:
@@ -308,8 +310,6 @@ def peak_memory(step: Callable[[], Any], held: Callable[[], int], device: torch.
         step()
         _sync(device)
         return base + torch.cuda.max_memory_allocated(device) - start
-    import sys
-    import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -351,9 +351,6 @@ class _Runner:
     """One model in one mode: its step function and the measurements taken of it."""
 
     def __init__(self, spec: str, mode: str, cfg: BenchConfig, device: torch.device, input_size: int):
-        from ..train.config import TrainConfig
-        from ..train.engine import build_optimizer
-
         self.spec, self.mode = spec, mode
         ms = self.ms = parse_spec(spec, cfg)
         torch.manual_seed(cfg.seed)

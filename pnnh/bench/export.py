@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -126,9 +129,6 @@ def _output_kept_on_success():
     """Hold what the exporter writes to file descriptors 1 and 2 (its C++ side dumps a whole graph
     when an op has no ONNX form): replayed after a success, dropped after a failure, whose error
     says why in one line."""
-    import os
-    import sys
-    import tempfile
 
     streams = ((1, sys.stdout), (2, sys.stderr))
     held = [tempfile.TemporaryFile() for _ in streams]

@@ -49,6 +49,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+# Each step imports what it uses inside its own function (it runs in its own process): an import that fails
+# on the GPU machine (a library missing, or built for another torch or CUDA) fails that step only, and the
+# check records it and runs the next step.
+
 __all__ = ["CheckPlan", "make_plan", "run_check", "format_markdown", "STEPS", "main"]
 
 JSON_NAME, MD_NAME = "gpu_check.json", "gpu_check.md"

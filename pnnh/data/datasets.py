@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import importlib
 import io
 import math
 import os
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pnnh.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["ArrayDataset", "DATASETS", "SPLITS", "load_dataset", "find_data_dir"]
 
@@ -387,7 +388,6 @@ def _load_fashion_mnist(directory: pathlib.Path, split: str) -> ArrayDataset:
 
 def _numpy_attr(*candidates: str) -> Any:
     """The first importable ``module:attr`` among ``candidates`` (numpy 1.x vs 2.x layouts)."""
-    import importlib
 
     for cand in candidates:
         mod, attr = cand.split(":")

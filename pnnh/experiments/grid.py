@@ -11,10 +11,14 @@ repository's ``configs/`` directory, read by :func:`load_yaml`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from .. import models
 from ..errors import ConfigError
 
 __all__ = ["Run", "Grid", "CONFIG_DIR", "load_yaml", "run_cost"]
@@ -22,7 +26,6 @@ __all__ = ["Run", "Grid", "CONFIG_DIR", "load_yaml", "run_cost"]
 def _config_dir() -> Path:
     """``configs/`` of the source tree (editable install), else the copy a wheel installs under
     ``<prefix>/share/pnnh/configs``."""
-    import sys
 
     tree = Path(__file__).resolve().parents[2] / "configs"
     installed = Path(sys.prefix) / "share" / "pnnh" / "configs"
@@ -67,7 +70,6 @@ class Grid:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (relative paths are tried as given, then under ``configs/``)."""
-    import yaml
 
     p = Path(path)
     if not p.exists() and not p.is_absolute() and (CONFIG_DIR / p).exists():
@@ -86,7 +88,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def run_cost(cfg: Any) -> float:
     """A relative cost for ETAs: training images x (depth + 4) x width² (conv FLOPs scale so), plus
     a third of an image per test image for evaluation."""
-    from .. import models
 
     try:
         depth = models.model_info(cfg.model).depth or 20

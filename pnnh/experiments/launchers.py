@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError, PnnhError
 from .grid import Run
+from .worker import execute
 
 __all__ = ["LaunchOptions", "LaunchError", "InProcess", "LocalProcesses", "SlurmJobs", "make_launcher",
            "usable_cores"]
@@ -101,8 +102,6 @@ class InProcess:
         return "in this process"
 
     def submit(self, runs: list[Run], marker: str | None) -> list[_Done]:
-        from .worker import execute
-
         (run,) = runs
         execute(_spec(run, marker, self.threads), on_step=self.on_step(run) if self.on_step else None)
         return [_Done(None)]
@@ -250,8 +249,6 @@ class SlurmJobs:
                 + f", {self.opts.time_min} min each")
 
     def submit(self, runs: list[Run], marker: str | None) -> list[_Job]:
-        from .worker import execute
-
         try:
             jobs = self.executor.map_array(execute, [_spec(r, marker, self.threads) for r in runs])
         except Exception as e:  # noqa: BLE001 - submitit raises FailedJobError with sbatch's stderr

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
-from ..train.config import RESUME_KEYS
+from ..train.checkpoint import read_metadata
+from ..train.config import RESUME_KEYS, TrainConfig
+from ..train.engine import CKPT_NAME
+from ..utils import atomic_write_text
 from .grid import Grid, Run
 
 __all__ = ["RESULT_KEYS", "MARKER_EXCLUDES", "summary", "finished", "has_checkpoint", "recorded_config",
@@ -48,8 +51,6 @@ def finished(run: Run) -> dict[str, Any] | None:
 
 
 def has_checkpoint(run: Run) -> bool:
-    from ..train.engine import CKPT_NAME
-
     return (run.dir / CKPT_NAME).exists()
 
 
@@ -59,15 +60,11 @@ def marker_config(cfg: Any) -> dict[str, Any]:
 
 
 def write_marker(run: Run, marker: str) -> None:
-    from ..utils import atomic_write_text
-
     atomic_write_text(run.dir / marker, json.dumps(marker_config(run.cfg), indent=1) + "\n")
 
 
 def recorded_config(run: Run, marker: str | None) -> dict[str, Any] | None:
     """The config the run on disk was trained with: the marker file, else the checkpoint's."""
-    from ..train.checkpoint import read_metadata
-    from ..train.engine import CKPT_NAME
 
     if marker and (run.dir / marker).exists():
         try:
@@ -89,7 +86,6 @@ def _plain(v: Any) -> Any:
 
 def conflicts(run: Run, marker: str | None = None) -> list[str]:
     """How the run on disk was configured differently from ``run`` (empty: compatible or absent)."""
-    from ..train.config import TrainConfig
 
     now = run.cfg.to_dict()
     saved = recorded_config(run, marker)

@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import DivergenceError, PnnhError
+from ..train import TrainConfig, train
+from .grid import Run
+from .state import write_marker
+
 __all__ = ["execute", "main"]
 
 
@@ -21,10 +26,6 @@ def execute(spec: dict[str, Any], on_step: Callable[[int], None] | None = None) 
     A diverged run is a result (the engine has written its ``summary.json``); any other error
     propagates. A completed run gets the grid's marker file, written after its summary.
     """
-    from ..errors import DivergenceError
-    from ..train import TrainConfig, train
-    from .grid import Run
-    from .state import write_marker
 
     cfg = TrainConfig.from_dict(spec["cfg"])
     try:
@@ -38,7 +39,6 @@ def execute(spec: dict[str, Any], on_step: Callable[[int], None] | None = None) 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m pnnh.experiments.worker '<spec JSON>'``: exit 0 when the run finished."""
-    from ..errors import PnnhError
 
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -1,7 +1,8 @@
 """Model registry in the style of timm's ``_registry.py``.
 
-A model family module decorates entry-point functions with :func:`register_model`;
-:func:`create_model` builds one by name and :func:`list_models` lists names by
+A model family module registers its entry points (one per depth or size) in a loop with
+:func:`register_builder`; :func:`register_model` records a single function (a decorator for your
+own models). :func:`create_model` builds one by name and :func:`list_models` lists names by
 glob pattern. Each entry point is a function ``fn(**kwargs) -> nn.Module``.
 
 Every registered model records a small info dict (family, depth, layout) so the
@@ -17,8 +18,8 @@ import importlib.util
 import inspect
 import re
 import sys
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -135,7 +136,6 @@ def list_models(pattern: str | None = None, family: str | None = None) -> list[s
 
     Names sort naturally, so ``resnet20`` comes before ``resnet110``.
     """
-    import re
 
     def natural(s: str):
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -23,21 +23,30 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import shlex
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
+import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..experiments import stats
 from ..experiments.grid import Grid, Run, load_yaml
-from ..experiments.options import launch_options_from, launcher_options
-from ..utils import parse_kv
+from ..experiments.launchers import LaunchOptions, make_launcher
+from ..experiments.results import curves
+from ..experiments.runner import run_grid
+from ..experiments.state import check_grid, finished
+from ..models import create_model
+from ..train.config import TrainConfig
+from ..utils import atomic_write_text, parse_kv
+from .render import html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
-           "format_report", "write_html_report", "side_by_side_throughput", "ablate_cmd"]
+           "format_report", "write_html_report", "side_by_side_throughput", "DEFAULTS", "parse_variant",
+           "split_variants"]
 
 MARKER = "ablate_config.json"
 
@@ -63,7 +72,7 @@ def _load_catalogue(path: str = "ablate.yaml") -> tuple[dict[str, Variant], dict
     return variants, {k: dict(v) for k, v in d["budgets"].items()}, dict(d.get("defaults") or {})
 
 
-VARIANTS, BUDGETS, _DEFAULTS = _load_catalogue()
+VARIANTS, BUDGETS, DEFAULTS = _load_catalogue()
 
 
 def parse_variant(text: str) -> Variant:
@@ -103,7 +112,6 @@ def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], 
                   base: dict | None = None, budget_defs: dict[str, dict] | None = None) -> tuple[Grid, list[dict]]:
     """The runs in order budget, seed, depth, variant (the first seed of every cell finishes before any
     second seed starts, so a partial ablation is still a full screen), and one record per run."""
-    from ..train.config import TrainConfig
 
     base = dict(base or {})
     budget_defs = budget_defs or BUDGETS
@@ -129,9 +137,6 @@ def run_ablation(variants: list[Variant], depths: list[int], seeds: list[int], b
     ``launch`` (:class:`~pnnh.experiments.LaunchOptions`) says where runs execute (default: one
     after another in this process). ``dry_run`` trains nothing and reports what is on disk.
     """
-    from ..experiments.launchers import LaunchOptions, make_launcher
-    from ..experiments.runner import run_grid
-    from ..experiments.state import check_grid, finished
 
     grid, records = ablation_grid(variants, depths, seeds, budgets, out, base, budget_defs)
     check_grid(grid)
@@ -257,7 +262,6 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
     With ``reference`` (a variant label, the ResNet twin by default) each table also gives every
     variant's accuracy difference to that variant at the same depth and budget and its parameter ratio:
     the terms the issue's criteria are stated in."""
-    from .render import md_table
 
     budget_defs = budget_defs or BUDGETS
     intro = _intro(records, budget_defs, reference)
@@ -274,7 +278,6 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
 
 def _figure_results(records: list[dict[str, Any]], budget: str, data: str) -> dict[str, Any]:
     """One budget's finished runs in the study's results format (a variant plays a family), for the plots."""
-    from ..experiments.results import curves
 
     runs = []
     for r in records:
@@ -297,8 +300,6 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
                       reference: str | None = "resnet", data: str = "fashion-mnist") -> Path:
     """A self-contained HTML page: the Markdown report's tables plus, per budget, accuracy against
     depth and parameters and the training-loss curves (plots embedded as PNG)."""
-    from ..utils import atomic_write_text
-    from .render import html_figure, html_page, html_table, make_figures
 
     e = html.escape
     budget_defs = budget_defs or BUDGETS
@@ -331,13 +332,6 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
     Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
     of each model's rate is reported, with the ratio to the first model.
     """
-    import statistics
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    from ..models import create_model
 
     built = []
     for name, kw in models:
@@ -364,108 +358,3 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
     for o in out:
         o["ratio"] = o["img_s"] / out[0]["img_s"]
     return out
-
-
-# -------------------------------------------------------------------------------------------------
-# the command
-# -------------------------------------------------------------------------------------------------
-
-@click.command("ablate")
-@click.option("--variants", default=_DEFAULTS.get("variants"), show_default=True,
-              help="Comma-separated variant labels (see --list), or label=template:k=v,... with {d} for the depth.")
-@click.option("--depths", default=_DEFAULTS.get("depths"), show_default=True, help="Comma-separated CIFAR-layout depths.")
-@click.option("--seeds", default=_DEFAULTS.get("seeds"), show_default=True, help="Comma-separated seeds.")
-@click.option("--budgets", default=_DEFAULTS.get("budgets"), show_default=True,
-              help="short (150 steps) and/or long (5 epochs).")
-@click.option("--short-steps", type=int, help="Override the short budget's steps.")
-@click.option("--long-epochs", type=int, help="Override the long budget's epochs.")
-@click.option("--data", default="fashion-mnist", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False))
-@click.option("--train-subset", type=int, help="Train on the first N images (quick checks only).")
-@click.option("--test-subset", type=int, help="Evaluate on the first N test images (quick checks only).")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per run.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate", show_default=True)
-@click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Write the Markdown report here (OUT/report.html is written either way).")
-@click.option("--speed/--no-speed", default=False, help="Also measure training img/s side by side (PNNH vs ResNet).")
-@click.option("--speed-variants", default=_DEFAULTS.get("speed_variants"), show_default=True,
-              help="Variants timed by --speed (the first is the reference of the ratio).")
-@click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
-@click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
-@click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
-@click.option("--reference", default="resnet", show_default=True,
-              help="Variant every other is compared with in the report (accuracy difference, parameter ratio); "
-                   "'' for none.")
-@launcher_options
-@click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
-def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
-               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, reference, list_,
-               **launch) -> None:
-    """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
-
-    Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
-    Variants, budgets and defaults: configs/ablate.yaml.
-    """
-    if list_:
-        for v in VARIANTS.values():
-            click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
-        return
-    launch_opts = launch_options_from(launch, threads)
-    try:
-        vs = split_variants(variants)
-        ds = [int(t) for t in depths.split(",") if t.strip()]
-        ss = [int(t) for t in seeds.split(",") if t.strip()]
-    except ValueError as e:
-        raise ConfigError(f"depths and seeds are comma-separated integers: {e}") from None
-    bs = [t.strip() for t in budgets.split(",") if t.strip()]
-    for b in bs:
-        if b not in BUDGETS:
-            raise ConfigError(f"unknown budget {b!r}; use {' and/or '.join(BUDGETS)}")
-    budget_defs = {k: dict(v) for k, v in BUDGETS.items()}
-    if short_steps:
-        budget_defs["short"] = {"steps": short_steps}
-    if long_epochs:
-        budget_defs["long"] = {"epochs": long_epochs}
-    base = {"data": data, "data_dir": data_dir, "train_subset": train_subset, "test_subset": test_subset,
-            "threads": threads}
-    records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
-                           launch=launch_opts)
-    speed_rows = None
-    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
-        svs = split_variants(speed_variants)
-        sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
-        speed_rows = []
-        for d in sds:
-            click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
-            speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
-    command = _command_line(speed)
-    text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                         budget_defs=budget_defs, reference=reference or None)
-    html_path = write_html_report(Path(out) / "report.html", records, command,
-                                  notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                                  budget_defs=budget_defs, reference=reference or None, data=data)
-    if report_path:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_path).write_text(text)
-        click.echo(f"report -> {report_path} and {html_path}")
-    else:
-        click.echo(text)
-        click.echo(f"report -> {html_path}")
-
-
-def _command_line(speed: bool) -> str:
-    """The exact command, rebuilt from the parsed options (reproducible whatever the caller's argv was);
-    where runs executed (the launcher options) does not change the results and is left out."""
-    ctx = click.get_current_context()
-    parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]
-    skip = {"list_", "dry_run", "notes", "reference", "launcher", "jobs"}
-    for p in ctx.command.params:
-        v = ctx.params.get(p.name)
-        if p.name in skip or p.name.startswith("slurm_") or v is None or v is False or (
-                p.name.startswith("speed_") and not speed):
-            continue
-        if p.name == "speed":
-            parts.append("--speed" if v else "--no-speed")
-        else:
-            parts += [p.opts[0], str(v)]
-    return " ".join(shlex.quote(a) for a in parts)

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
+from ..models import create_model
 from ..models.pnnh_cnn import upgrade_state_dict
 from ..utils import atomic_write_text
 
@@ -252,7 +253,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     expects and predicts; it lands in ``model.default_cfg``: ``classes`` (names, by output index),
     ``mean``/``std`` (per-channel normalisation of [0, 1] pixels) and ``input_size`` (C, H, W).
     """
-    from ..models import create_model
 
     path = Path(path)
     meta = read_metadata(path)

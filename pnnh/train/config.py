@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -13,6 +14,7 @@ import torch.nn as nn
 import yaml
 
 from ..errors import ConfigError
+from ..models import model_label
 from ..utils import load_yaml
 
 __all__ = ["TrainConfig", "load_config_file", "RESUME_KEYS"]
@@ -144,7 +146,6 @@ class TrainConfig:
     @property
     def model_name(self) -> str:
         """The model as a string: the name or spec given, or a label for a module or factory."""
-        from ..models import model_label
 
         return model_label(self.model)
 
@@ -160,8 +161,6 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            import difflib
-
             hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u for u in unknown]
             raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
         d = dict(d)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import pnnh
-from pnnh import cli
 from pnnh.cli import main
+from pnnh.cli import models as models_cli
 
 
 def run(args, capsys):
@@ -26,7 +26,7 @@ def test_parameter_counts_are_cached(tmp_path, monkeypatch, capsys):
     def no_build(name):
         raise AssertionError(f"{name} built again")
 
-    monkeypatch.setattr(cli, "_count_params", no_build)
+    monkeypatch.setattr(models_cli, "_count_params", no_build)
     assert json.loads(run(["models", "resnet2*", "--json"], capsys)) == first
     table = run(["models", "resnet2*"], capsys).splitlines()
     assert table[0].startswith("name") and table[1].split()[:3] == ["resnet20", "resnet", "20"]

@@ -1,4 +1,4 @@
-"""``pnnh bench`` and ``pnnh export``: click commands registered in :mod:`pnnh.cli`."""
+"""``pnnh bench`` and ``pnnh export``: :func:`pnnh.bench.run_bench` and :func:`pnnh.bench.export.export_onnx`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import json
 import click
 
 from ..errors import ConfigError
+from ..models import create_model
+from ..train.checkpoint import load_weights, read_metadata
 from ..utils import atomic_write_text, parse_kv
+
+__all__ = ["bench_cmd", "export_cmd"]
 
 
 def _parse_kv(items):
@@ -48,7 +52,7 @@ def bench_cmd(model_list, model_kwarg, no_memory, no_peak, as_json, out, compile
     The ratio column is each model's throughput over the first model's, the median of per-round
     paired ratios. %peak is achieved FLOP/s over a dense matmul measured in every round.
     """
-    from .bench import BenchConfig, format_table, run_bench
+    from ..bench import BenchConfig, format_table, run_bench
 
     models = [m.strip() for m in model_list.split(",") if m.strip()]
     if not models:
@@ -78,9 +82,7 @@ def bench_cmd(model_list, model_kwarg, no_memory, no_peak, as_json, out, compile
 def export_cmd(model_name, checkpoint, onnx_path, input_size, in_chans, num_classes, model_kwarg, no_fuse, opset,
                no_check) -> None:
     """Export a model (deployed: BatchNorm folded) to ONNX and check it against PyTorch in onnxruntime."""
-    from ..models import create_model
-    from ..train.checkpoint import load_weights, read_metadata
-    from .export import export_onnx
+    from ..bench.export import export_onnx
 
     kwargs = {}
     if checkpoint:

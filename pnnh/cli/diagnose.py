@@ -7,8 +7,12 @@ import json
 from pathlib import Path
 
 import click
+import torch
 
 from ..errors import ConfigError
+from ..models import create_model, model_slug
+from ..train.checkpoint import load_weights, read_metadata
+from ..train.device import resolve_device
 from ..utils import atomic_write_text, parse_kv
 
 __all__ = ["diagnose_cmd"]
@@ -48,12 +52,8 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     Writes OUT/diagnostics.json and PNG plots (one model), or OUT/<model>/... and OUT/comparison.png
     (several). Without --checkpoint the model is freshly initialised (seeded by --seed).
     """
-    import torch
-
-    from ..models import create_model, model_slug
-    from ..train.checkpoint import load_weights, read_metadata
-    from .diagnose import DiagnoseConfig, load_images, run_diagnostics, summarize
-    from .plots import plot_comparison, plot_diagnostics
+    from ..analysis.diagnose import DiagnoseConfig, load_images, run_diagnostics, summarize
+    from ..analysis.plots import plot_comparison, plot_diagnostics
 
     if threads:
         torch.set_num_threads(threads)
@@ -68,14 +68,11 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
         raise ConfigError("give --model NAME (or --checkpoint PATH)")
     dists = None
     if dists_vgg or dists_weights:
-        from .dists import load_dists
+        from ..analysis.dists import load_dists
 
         dists = load_dists(dists_vgg, dists_weights)
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
+    dev = resolve_device(device)
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
     x, y = x.to(dev), y.to(dev)
     kwargs = parse_kv(model_kwarg, "--model-kwarg")

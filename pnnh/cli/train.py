@@ -1,132 +1,24 @@
-"""The ``pnnh`` command line.
-
-Every sub-command turns its flags into the same dataclass configs the Python API takes, so
-``pnnh train`` and ``pnnh.train.train(TrainConfig(...))`` do the same thing. User errors
-(:class:`pnnh.errors.PnnhError`) print one ``error:`` line and exit non-zero, no traceback.
-"""
+"""``pnnh train`` and ``pnnh compare``: flags -> :class:`pnnh.train.TrainConfig` -> :func:`pnnh.train.train`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import sys
+from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
-from . import __version__
-from .errors import ConfigError, PeerError, PnnhError
-from .utils import parse_kv
+from ..errors import ConfigError, PeerError, PnnhError
+from ..models import create_model, is_factory_spec, model_info, model_slug
+from ..train import TrainConfig, distributed, load_config_file, train
+from ..train.checkpoint import read_state
+from ..train.engine import CKPT_NAME
+from ..utils import atomic_write_text, parse_kv
 
-CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
-
-
-def _count_params(name: str) -> int | None:
-    """Parameters of ``name`` at its defaults, built on the meta device (shapes only, no memory)."""
-    import torch
-
-    from .models import create_model
-
-    try:
-        with torch.device("meta"):
-            m = create_model(name)
-    except Exception:  # some init functions do not run on meta tensors
-        try:
-            m = create_model(name)
-        except Exception:
-            return None
-    return sum(p.numel() for p in m.parameters())
-
-
-class _ParamCache:
-    """Parameter counts of registered models, kept in ``~/.cache/pnnh/param-counts.json`` (or
-    ``$XDG_CACHE_HOME``) under a key made of the model sources and the torch version: building
-    every model once takes minutes on a small CPU, reading the cache milliseconds."""
-
-    def __init__(self) -> None:
-        import hashlib
-        from pathlib import Path
-
-        import torch
-
-        from . import models
-
-        src = sorted(Path(models.__file__).parent.glob("*.py"))
-        digest = hashlib.sha256(torch.__version__.encode())
-        for p in src:
-            digest.update(p.name.encode() + p.read_bytes())
-        self.key = digest.hexdigest()[:16]
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        self.path = root / "pnnh" / "param-counts.json"
-        self.counts: dict[str, int | None] = {}
-        try:
-            saved = json.loads(self.path.read_text())
-            if saved.get("key") == self.key:
-                self.counts = dict(saved["counts"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-        self.dirty = False
-
-    def get(self, name: str) -> int | None:
-        if name not in self.counts:
-            self.counts[name] = _count_params(name)
-            self.dirty = True
-        return self.counts[name]
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        from .utils import atomic_write_text
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps({"key": self.key, "counts": self.counts}))
-        except OSError:  # a read-only home: counting again next time is fine
-            pass
-
-
-@click.group(context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="pnnh")
-def cli() -> None:
-    """pnnh: deep plain (shortcut-free) nets, residual nets, and the PNNH paradigm."""
-
-
-@cli.command("models")
-@click.argument("pattern", required=False)
-@click.option("--family", help="Only this family (plain, resnet, preact_resnet, pnnh, vit ...).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def models_cmd(pattern: str | None, family: str | None, as_json: bool) -> None:
-    """List registered models matching PATTERN (a glob such as 'plain*').
-
-    Any CIFAR-layout depth builds by name (resnet14, pnnh26, ...), listed or not.
-    """
-    from .models import list_models, model_info
-
-    if family is not None:
-        families = sorted({model_info(n).family for n in list_models()})
-        if family not in families:
-            raise ConfigError(f"unknown family {family!r}; families: {', '.join(families)}")
-    names = list_models(pattern, family=family)
-    if not names:
-        raise ConfigError(f"no model matches {pattern!r}" + (f" in family {family!r}" if family else ""))
-    cache = _ParamCache()
-    rows = []
-    if not as_json:
-        click.echo(f"{'name':<24}{'family':<16}{'depth':>6}  {'layout':<9}{'params (1ch,10cls)':>19}")
-    try:
-        for name in names:  # rows appear as they are counted: a first, uncached listing takes a while
-            info = model_info(name)
-            r = {"name": name, "family": info.family, "depth": info.depth, "layout": info.layout,
-                 "params": cache.get(name), "doc": info.doc}
-            rows.append(r)
-            if not as_json:
-                params = f"{r['params'] / 1e6:.3f}M" if r["params"] is not None else "?"
-                click.echo(f"{r['name']:<24}{r['family']:<16}{r['depth'] or '':>6}  {r['layout'] or '':<9}{params:>19}")
-    finally:
-        cache.save()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
+__all__ = ["train_cmd", "compare_cmd"]
 
 
 _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
@@ -139,7 +31,7 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 }
 
 
-@cli.command("train")
+@click.command("train")
 @click.option("--model", help="Registered model name (see `pnnh models`), or your own as path/to/file.py:factory "
               "or package.module:factory.")
 @click.option("--data", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "imagefolder"]), help="Dataset.")
@@ -179,9 +71,6 @@ _TRAIN_FLAGS = {  # flag -> TrainConfig field, only applied when given
 def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_bn, resume, no_progress,
               **flags) -> None:
     """Train one model; writes metrics.jsonl, checkpoint.safetensors and summary.json to --out."""
-    from .train import TrainConfig, load_config_file, train
-    from .train import distributed
-
     values: dict[str, Any] = load_config_file(config_file) if config_file else {}
     for flag, field in _TRAIN_FLAGS.items():
         if flags.get(flag) is not None:
@@ -234,11 +123,6 @@ _USER_ERROR = ".user-error.json"
 def _note_user_error(out: str, e: PnnhError) -> None:
     """Under torchrun with --max-restarts, record a user error: the restarted workers repeat it at
     once instead of running the same failing job again (torchrun restarts on any failure)."""
-    from pathlib import Path
-
-    from .train import distributed
-    from .utils import atomic_write_text
-
     run_id = distributed.elastic_run_id()
     if not run_id or not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) or getattr(e, "quiet", False):
         return
@@ -250,10 +134,6 @@ def _note_user_error(out: str, e: PnnhError) -> None:
 
 def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
     """In a worker torchrun restarted: raise the user error its job already hit (see _note_user_error)."""
-    from pathlib import Path
-
-    from .train import distributed
-
     path = Path(out) / _USER_ERROR
     if not distributed.elastic_restart():
         if is_main:
@@ -273,18 +153,13 @@ def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
 def _stored_config(out: str) -> dict[str, Any]:
     """The TrainConfig fields a run in ``out`` was started with (from its checkpoint), or {} for a
     directory without one: ``--resume`` continues a run without retyping its flags."""
-    from pathlib import Path
-
-    from .train.checkpoint import read_state
-    from .train.engine import CKPT_NAME
-
     ckpt = Path(out) / CKPT_NAME
     if not ckpt.exists():
         return {}
     return {k: v for k, v in read_state(ckpt)["config"].items() if k not in ("out", "resume", "progress")}
 
 
-@cli.command("compare")
+@click.command("compare")
 @click.option("--models", "model_list", required=True, help="Comma-separated model names, e.g. plain56,resnet56, "
               "or your own as path/to/file.py:factory.")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Dataset.")
@@ -307,11 +182,6 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, lr, batch_size,
     Every name and option is checked before the first run starts. Finished runs are reused; an
     interrupted one resumes from its checkpoint.
     """
-    from pathlib import Path
-
-    from .models import model_slug
-    from .train import TrainConfig, train
-
     if epochs is None and steps is None:
         raise ConfigError("give --epochs or --steps")
     names = [m.strip() for m in model_list.split(",") if m.strip()]
@@ -339,11 +209,6 @@ def compare_cmd(model_list, data, data_dir, epochs, steps, seed, lr, batch_size,
 def _check_model_options(name: str, kwargs: dict[str, Any]) -> None:
     """Build ``name`` with ``kwargs`` on the meta device (no memory, no init maths): raises the
     ConfigError a bad name or option would raise at training time."""
-    import torch
-
-    from .errors import PnnhError
-    from .models import create_model, is_factory_spec, model_info
-
     if not is_factory_spec(name):
         model_info(name)  # a registered name: unknown ones fail with the closest names
     try:
@@ -353,49 +218,3 @@ def _check_model_options(name: str, kwargs: dict[str, Any]) -> None:
         raise
     except Exception:  # an init that cannot run on meta tensors: the real build checks it
         pass
-
-
-# --- sub-commands defined in their own modules: one import + add_command each ---------------------
-# (keep imports of heavy modules inside the command functions; this section runs at every start)
-from .analysis.command import diagnose_cmd  # noqa: E402
-
-cli.add_command(diagnose_cmd)
-from .bench.cli import bench_cmd, export_cmd  # noqa: E402
-
-cli.add_command(bench_cmd)
-cli.add_command(export_cmd)
-from .report.ablate import ablate_cmd  # noqa: E402
-cli.add_command(ablate_cmd)
-from .report.cli import study_cmd  # noqa: E402
-
-cli.add_command(study_cmd)
-# --- end of sub-commands ---------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning user errors into one line and an exit code."""
-    try:
-        cli.main(args=argv, prog_name="pnnh", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted; continue a training run with --resume", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except PnnhError as e:
-        if not getattr(e, "quiet", False):
-            click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; continue a training run with --resume", err=True)
-        sys.exit(130)
-    except OSError as e:  # the environment failed us (disk full, permissions): say what, without a traceback
-        where = f": {e.filename}" if e.filename else ""
-        click.echo(f"error: {e.strerror or e}{where}", err=True)
-        sys.exit(1)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-
-
-if __name__ == "__main__":
-    main()

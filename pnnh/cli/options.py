@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from .launchers import LaunchOptions
+from ..experiments.launchers import LaunchOptions
 
 __all__ = ["launcher_options", "launch_options_from"]
 

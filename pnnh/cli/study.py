@@ -1,4 +1,4 @@
-"""``pnnh study``: the depth study from the command line (registered in :mod:`pnnh.cli`)."""
+"""``pnnh study``: the depth study of :mod:`pnnh.report.study` from the command line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from ..experiments.options import launch_options_from, launcher_options
 from ..utils import parse_kv
+from .options import launch_options_from, launcher_options
 
 __all__ = ["study_cmd"]
 
@@ -33,7 +33,7 @@ def _depths(value: str | None) -> list[int] | None:
 
 
 def _list_presets() -> None:
-    from .study import FAMILIES, PRESETS
+    from ..report.study import FAMILIES, PRESETS
 
     click.echo("presets:")
     for p in PRESETS.values():
@@ -76,7 +76,7 @@ def study_cmd(preset, families, depths, seeds, data, data_dir, steps, epochs, tr
     Re-running the same command skips finished runs and resumes an interrupted one.
     Runs execute one after another here, in --jobs worker processes, or as Slurm jobs (--launcher slurm).
     """
-    from .study import plan_study, run_study
+    from ..report.study import plan_study, run_study
 
     if list_:
         _list_presets()

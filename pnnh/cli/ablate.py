@@ -1,0 +1,117 @@
+"""``pnnh ablate``: the PNNH design-space ablation of :mod:`pnnh.report.ablate` from the command line."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError
+from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, format_report, run_ablation, side_by_side_throughput,
+                             split_variants, write_html_report)
+from .options import launch_options_from, launcher_options
+
+__all__ = ["ablate_cmd"]
+
+
+@click.command("ablate")
+@click.option("--variants", default=DEFAULTS.get("variants"), show_default=True,
+              help="Comma-separated variant labels (see --list), or label=template:k=v,... with {d} for the depth.")
+@click.option("--depths", default=DEFAULTS.get("depths"), show_default=True, help="Comma-separated CIFAR-layout depths.")
+@click.option("--seeds", default=DEFAULTS.get("seeds"), show_default=True, help="Comma-separated seeds.")
+@click.option("--budgets", default=DEFAULTS.get("budgets"), show_default=True,
+              help="short (150 steps) and/or long (5 epochs).")
+@click.option("--short-steps", type=int, help="Override the short budget's steps.")
+@click.option("--long-epochs", type=int, help="Override the long budget's epochs.")
+@click.option("--data", default="fashion-mnist", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--train-subset", type=int, help="Train on the first N images (quick checks only).")
+@click.option("--test-subset", type=int, help="Evaluate on the first N test images (quick checks only).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per run.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/ablate", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the Markdown report here (OUT/report.html is written either way).")
+@click.option("--speed/--no-speed", default=False, help="Also measure training img/s side by side (PNNH vs ResNet).")
+@click.option("--speed-variants", default=DEFAULTS.get("speed_variants"), show_default=True,
+              help="Variants timed by --speed (the first is the reference of the ratio).")
+@click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
+@click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
+@click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
+@click.option("--reference", default="resnet", show_default=True,
+              help="Variant every other is compared with in the report (accuracy difference, parameter ratio); "
+                   "'' for none.")
+@launcher_options
+@click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
+def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
+               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, reference, list_,
+               **launch) -> None:
+    """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
+
+    Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
+    Variants, budgets and defaults: configs/ablate.yaml.
+    """
+    if list_:
+        for v in VARIANTS.values():
+            click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
+        return
+    launch_opts = launch_options_from(launch, threads)
+    try:
+        vs = split_variants(variants)
+        ds = [int(t) for t in depths.split(",") if t.strip()]
+        ss = [int(t) for t in seeds.split(",") if t.strip()]
+    except ValueError as e:
+        raise ConfigError(f"depths and seeds are comma-separated integers: {e}") from None
+    bs = [t.strip() for t in budgets.split(",") if t.strip()]
+    for b in bs:
+        if b not in BUDGETS:
+            raise ConfigError(f"unknown budget {b!r}; use {' and/or '.join(BUDGETS)}")
+    budget_defs = {k: dict(v) for k, v in BUDGETS.items()}
+    if short_steps:
+        budget_defs["short"] = {"steps": short_steps}
+    if long_epochs:
+        budget_defs["long"] = {"epochs": long_epochs}
+    base = {"data": data, "data_dir": data_dir, "train_subset": train_subset, "test_subset": test_subset,
+            "threads": threads}
+    records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
+                           launch=launch_opts)
+    speed_rows = None
+    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
+        svs = split_variants(speed_variants)
+        sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
+        speed_rows = []
+        for d in sds:
+            click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
+            speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
+    command = _command_line(speed)
+    text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
+                         budget_defs=budget_defs, reference=reference or None)
+    html_path = write_html_report(Path(out) / "report.html", records, command,
+                                  notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
+                                  budget_defs=budget_defs, reference=reference or None, data=data)
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(text)
+        click.echo(f"report -> {report_path} and {html_path}")
+    else:
+        click.echo(text)
+        click.echo(f"report -> {html_path}")
+
+
+def _command_line(speed: bool) -> str:
+    """The exact command, rebuilt from the parsed options (reproducible whatever the caller's argv was);
+    where runs executed (the launcher options) does not change the results and is left out."""
+    ctx = click.get_current_context()
+    parts = ["OMP_NUM_THREADS=1", "python", "-m", "pnnh", "ablate"]
+    skip = {"list_", "dry_run", "notes", "reference", "launcher", "jobs"}
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if p.name in skip or p.name.startswith("slurm_") or v is None or v is False or (
+                p.name.startswith("speed_") and not speed):
+            continue
+        if p.name == "speed":
+            parts.append("--speed" if v else "--no-speed")
+        else:
+            parts += [p.opts[0], str(v)]
+    return " ".join(shlex.quote(a) for a in parts)
