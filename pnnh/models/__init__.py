@@ -4,6 +4,7 @@ from ._registry import (ModelInfo, create_model, is_factory_spec, is_model, list
                         model_label, model_slug, register_model)
 from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
 from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, resnext*, highway*, se_resnet* ...)
+from . import memory  # noqa: F401  (registers rmn_resnet*: residual memory networks)
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
 from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
