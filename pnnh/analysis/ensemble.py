@@ -36,9 +36,7 @@ from ..errors import ConfigError
 from .lesion import shortcut_path
 from .probes import get_blocks
 
-__all__ = ["weighted_path_lengths", "branch_gamma", "branch_scales", "effective_path_lengths", "WEIGHTINGS"]
-
-WEIGHTINGS = ("gamma", "norm")
+__all__ = ["weighted_path_lengths", "branch_gamma", "branch_scales", "effective_path_lengths", "dynamic_ensemble"]
 
 
 def weighted_path_lengths(weights: Sequence[float]) -> dict[str, Any]:
