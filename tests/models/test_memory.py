@@ -90,3 +90,12 @@ def test_uniform_interface():
     assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
     assert model.default_cfg["input_size"] == (1, 28, 28)
     assert isinstance(model, ResidualMemoryNet) and len(model.blocks()) == 9
+
+
+def test_structure_detector_sees_every_shortcut_and_the_memory_merge():
+    from pnnh.analysis.structure import find_residual_connections
+
+    found = find_residual_connections(pnnh.create_model("rmn_resnet20"))
+    assert [f.op for f in found] == ["add"] * 9 + ["cat"]  # one shortcut per block, then the head's input:
+    # the last block's features reach the classifier directly and through the LSTM (one weighted layer)
+    assert (found[-1].shortcut_layers, found[-1].branch_layers) == (0, 1)
