@@ -95,7 +95,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = []
+    lines = ["# The dynamic ensemble: path-length statistics per snapshot", "",
+             "Written by `scripts/dynamic_ensemble.py`; the command and the reading are in "
+             "[catalogue.md](catalogue.md). Train loss: the loss of the batch at that step.", ""]
     for name, res in results.items():
         n = res["snapshots"][0]["uniform"]["n_blocks"]
         lines += [f"**{name}** ({n} residual blocks; binomial mean {n / 2:g}, std {res['snapshots'][0]['uniform']['std']:.2f}; "
