@@ -116,8 +116,8 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet56,preact_resnet56", help="comma-separated registry names")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--snapshot-every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--snapshot-every", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
