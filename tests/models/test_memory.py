@@ -49,6 +49,12 @@ def test_memory_reads_every_block_and_feeds_the_logits():
     assert model.fc.in_features == 64 + 64
 
 
+def test_any_cifar_depth_resolves_by_name():
+    assert pnnh.model_info("rmn_resnet14").depth == 14 and "rmn_resnet14" not in pnnh.list_models("rmn*")
+    m = pnnh.create_model("rmn_resnet29")  # 9n+2: bottleneck blocks, 256 features, memory as wide
+    assert m.fc.in_features == 256 + 256 and m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_stage_reads():
     model = pnnh.create_model("rmn_resnet20", read="stage")
     _, reads = model.memory_reads(torch.randn(2, 1, 28, 28))
