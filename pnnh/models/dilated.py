@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ._registry import register_builder
-from .layers import init_weights
+from .layers import PooledClassifierHead, init_weights
 
 __all__ = ["DilatedNet", "DilatedLayer", "StreamInputs", "CausalConv1d", "dilated_pair", "wavenet_dilations",
            "swapped_pairs", "receptive_windows", "mixture_layers", "image_to_sequence"]
@@ -129,7 +129,7 @@ class StreamInputs(nn.Module):
         return torch.cat([stream(x) for stream in self.streams], 1)
 
 
-class DilatedNet(nn.Module):
+class DilatedNet(PooledClassifierHead, nn.Module):
     """Parallel causal dilated conv nets over an image read as a sequence, optionally interconnected.
 
     Args:
@@ -177,21 +177,9 @@ class DilatedNet(nn.Module):
         h = self.layers(self.stem(image_to_sequence(x, self.sequence)))
         return h.unflatten(1, (self.n_streams, -1)).sum(1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, :, -1])  # the last step has seen the whole sequence
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The last step: the only one that has seen the whole sequence."""
+        return x[:, :, -1]
 
 
 def wavenet_dilations(steps: int) -> list[int]:
