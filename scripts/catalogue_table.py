@@ -3,7 +3,9 @@
 Each (model, seed) trains through the engine into its own directory ``<out>/<model>-s<seed>``.
 Finished runs (``summary.json`` with status complete) are skipped and interrupted ones resume
 from their last checkpoint, so the script can be stopped and started again at any time.
-``--report-only`` rebuilds the table from the run directories without training.
+``--report-only`` rebuilds the table from the run directories without training. ``--curves
+FILE.png`` also plots the models' training-loss curves side by side (mean over seeds of a running
+mean; ``--log-every 1`` records the loss of every step).
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/catalogue_table.py --out runs/catalogue
 """
@@ -55,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/catalogue")
     ap.add_argument("--report", default=str(ROOT / "docs/results/catalogue.md"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--log-every", type=int, default=20, help="steps between training-loss records")
+    ap.add_argument("--curves", help="also write the training-loss curves of the models to this PNG")
+    ap.add_argument("--smooth", type=int, default=10, help="running-mean window of the plotted curves (records)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -71,7 +76,8 @@ def main(argv=None) -> int:
                 print(f"== {name} seed {seed} -> {d}", flush=True)
                 cfg = TrainConfig(model=name, data="fashion-mnist", steps=args.steps, batch_size=args.batch_size,
                                   lr=args.lr, seed=seed, test_subset=args.test_subset or None, threads=args.threads,
-                                  checkpoint_every=20, out=str(d), resume=True, progress=False)
+                                  checkpoint_every=20, log_every=args.log_every, out=str(d), resume=True,
+                                  progress=False)
                 s = train(cfg)
                 print(f"   test acc {s['test_acc']:.4f}  {s['train_img_per_s']:.0f} img/s", flush=True)
 
@@ -82,13 +88,56 @@ def main(argv=None) -> int:
         rows.append((name, info.family, info.depth, runs[0]["params"] if runs else None,
                      [100 * r["test_acc"] for r in runs], [r["train_img_per_s"] for r in runs]))
     write_report(Path(args.report), rows, args, seeds)
+    if args.curves:
+        plot_curves(Path(args.curves), {name: [s["curve"] for seed in seeds if (s := finished(run_dir(out, name, seed)))]
+                                        for name in models}, args)
     return 0
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(path: Path, curves: dict[str, list[list[list[float]]]], args) -> None:
+    """One line per model: the mean over seeds of each seed's running-mean training loss; seeds thin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (name, runs) in enumerate(curves.items()):
+        if not runs:
+            continue
+        color = f"C{i}"
+        steps = [p[0] for p in runs[0]]
+        smooth = [running_mean([p[1] for p in c], args.smooth) for c in runs]
+        for c in smooth:
+            ax.plot(steps[:len(c)], c, color=color, lw=0.6, alpha=0.35)
+        n = min(len(c) for c in smooth)
+        mean = [statistics.mean(c[j] for c in smooth) for j in range(n)]
+        ax.plot(steps[:n], mean, color=color, lw=1.8, label=f"{name} ({len(runs)} seeds)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (running mean of {args.smooth} records)")
+    ax.set_title(f"Fashion-MNIST, batch {args.batch_size}, peak lr {args.lr}, {args.steps} steps", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def write_report(path: Path, rows, args, seeds) -> None:
     cmd = (f"OMP_NUM_THREADS=1 nice -n 10 python scripts/catalogue_table.py --models {args.models} "
            f"--seeds {args.seeds} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-           f"--test-subset {args.test_subset} --threads {args.threads} --out {args.out}")
+           f"--test-subset {args.test_subset} --threads {args.threads} --out {args.out}"
+           + (f" --log-every {args.log_every}" if args.log_every != 20 else ""))
     lines = [
         "# The residual catalogue on Fashion-MNIST (short budget)",
         "",

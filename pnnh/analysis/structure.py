@@ -167,17 +167,21 @@ class _Graph:
         return self._data(seq)
 
     def _summed_later(self, n: fx.Node) -> bool:
-        """Is this concatenation summed, or are parts of it added, before any weighted layer?"""
-        seen, stack = set(), list(n.users)
+        """Is this concatenation summed, or are parts of it added together, before any weighted layer?
+
+        An addition counts when two of its operands come from the concatenation with no weighted
+        layer between (``y[:, :C] + y[:, C:]``); the concatenation added as a whole to something
+        computed from it through weights (the next block's ``y + F(y)``) adds no part to another.
+        """
+        reach, stack = {n}, list(n.users)  # computed from n through no weighted layer
         while stack:
             u = stack.pop()
-            if u in seen or u in self.weighted:
+            if u in reach or u in self.weighted:
                 continue
-            seen.add(u)
-            if _is_fn(u, _REDUCE, _REDUCE_METHODS) or len(self.additive_operands(u)) >= 2:
-                return True
+            reach.add(u)
             stack.extend(u.users)
-        return False
+        return any(_is_fn(u, _REDUCE, _REDUCE_METHODS) or sum(o in reach for o in self.additive_operands(u)) >= 2
+                   for u in reach if u is not n)
 
     def additive_operands(self, n: fx.Node) -> list[fx.Node]:
         """The data operands ``n`` adds together (empty when ``n`` is no additive merge)."""

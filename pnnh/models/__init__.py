@@ -6,6 +6,8 @@ from . import resnet  # noqa: F401  (registers resnet*/plain*/preact_resnet*)
 from . import catalogue  # noqa: F401  (registers the residual catalogue: wrn*, resnext*, highway*, se_resnet* ...)
 from . import memory  # noqa: F401  (registers rmn_resnet*: residual memory networks)
 from . import pnnh_cnn  # noqa: F401  (registers pnnh*/llplain*)
+from . import inception  # noqa: F401  (registers inception_resnet_*/inception_*)
+from . import dilated  # noqa: F401  (registers dilated_pair_*/mixed_dilated_*)
 from . import vit  # noqa: F401  (registers vit_*/plain_vit_*/pnnh_vit_*)
 from .resnet import ResNet
 from .timm_registry import register_timm_models

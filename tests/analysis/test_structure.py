@@ -206,3 +206,22 @@ def test_plain_and_pnnh_vits_have_no_residual_connection(name):
 def test_residual_vit_fails_with_two_adds_per_block():
     m = pnnh.create_model("vit_mini_d6")
     assert len(find_residual_connections(m)) == 2 * 6  # attention and MLP sub-layers of each block
+
+
+def test_a_concatenation_added_whole_to_a_function_of_itself_is_one_shortcut():
+    """``y = cat(pool_proj(x), conv(x))`` then ``y + F(y)``: the add is the shortcut; no part of ``y``
+    is added to another part, so the concatenation of parts of different depths is not one."""
+
+    class ReductionThenResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.f = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.cat([self.a(F.max_pool2d(x, 1)), self.c(F.relu(self.b(x)))], 1)
+            return y + self.f(y)
+
+    (f,) = find_residual_connections(ReductionThenResidual())
+    assert f.op == "add" and f.shortcut_layers == 0
+    assert len(find_residual_connections(pnnh.create_model("inception_resnet_s"))) == 8  # 2 + 4 + 2 blocks
