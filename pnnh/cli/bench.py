@@ -109,6 +109,6 @@ def export_cmd(model_name, checkpoint, onnx_path, input_size, in_chans, num_clas
              else "not checked")
     click.echo(f"{model_name} -> {info['path']} ({info['bytes'] / 1e6:.2f} MB, input 1x{'x'.join(map(str, info['input_shape']))}"
                f" dynamic batch, {'fused' if info['fused'] else 'unfused'}, opset {opset}); {check}")
-    meta = info["metadata"]
-    if "classes" in meta:
-        click.echo(f"metadata_props: model, {len(meta['classes'])} class names, mean/std of {meta.get('data')}")
+    props = info["metadata"]
+    if "classes" in props:
+        click.echo(f"metadata_props: model, {len(props['classes'])} class names, mean/std of {props.get('data')}")
