@@ -6,14 +6,20 @@ dimension, then runs the file in onnxruntime on a random batch and compares the 
 *unfused* PyTorch model in eval mode. A mismatch larger than ``atol + rtol * |reference|`` raises
 :class:`ExportError`, so a file that is written has been checked.
 
+The file's ``metadata_props`` record the model (registered name and options) and, for a model
+loaded from a run (:func:`pnnh.load_model`), what it was trained on: the dataset, the class names
+by output index, the per-channel mean/std that normalise [0, 1] pixels, and the input size
+(:func:`onnx_metadata`; every value is JSON text, read back by :func:`read_onnx_metadata`).
+
 ``onnx`` and ``onnxruntime`` are the optional extra ``pnnh[export]``; without onnxruntime the
-export fails with an install hint unless ``check=False``.
+export fails with an install hint unless ``check=False``, without onnx the file carries no metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -25,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, PnnhError
+from ..train.checkpoint import DATA_KEYS
 from .fuse import deploy
 
-__all__ = ["export_onnx", "ExportError", "onnxruntime_available"]
+__all__ = ["export_onnx", "ExportError", "onnxruntime_available", "onnx_metadata", "read_onnx_metadata"]
 
 INSTALL_HINT = "install the export extra: pip install 'pnnh[export]' (onnx, onnxruntime)"
 
@@ -70,7 +77,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
         batch_size: batch of the parity check (the exported batch dimension is dynamic).
 
     Returns:
-        ``{"path", "fused", "opset", "input_shape", "max_abs_diff", "checked", "bytes"}``.
+        ``{"path", "fused", "opset", "input_shape", "max_abs_diff", "checked", "bytes", "metadata"}``
+        (``metadata``: what the file's ``metadata_props`` hold, decoded; empty without ``onnx``).
     """
     if check and not onnxruntime_available():
         raise ExportError(f"the onnxruntime parity check needs onnxruntime: {INSTALL_HINT}, or pass check=False")
@@ -92,8 +100,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
         _export(target, x[:1], path, opset)
     finally:
         model.train(was_training)
+    metadata = onnx_metadata(model, shape)
+    if importlib.util.find_spec("onnx") is not None:
+        _write_metadata(path, metadata)
+    else:
+        metadata = {}
     out = {"path": str(path), "fused": fused, "opset": opset, "input_shape": list(shape), "checked": False,
-           "max_abs_diff": None, "bytes": path.stat().st_size}
+           "max_abs_diff": None, "bytes": path.stat().st_size, "metadata": metadata}
     if check:
         got = torch.from_numpy(run_onnx(path, x.numpy()))
         if got.shape != reference.shape:
@@ -105,6 +118,42 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | None = 
             raise ExportError(f"onnxruntime disagrees with PyTorch: max |diff| {out['max_abs_diff']:.3g} "
                               f"(tolerance {atol:g} + {rtol:g}*|y|) on {int(bad.sum())} of {bad.numel()} outputs")
         out["checked"] = True
+    return out
+
+
+def onnx_metadata(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """What an exported file records: ``model`` and ``model_kwargs`` (as ``create_model`` stamped
+    them), ``input_size`` (the exported C, H, W), and the model's ``default_cfg`` entries of
+    :data:`~pnnh.train.checkpoint.DATA_KEYS` (``data``, ``classes``, ``mean``, ``std``) where it has them."""
+    cfg = getattr(model, "default_cfg", None) or {}
+    meta: dict[str, Any] = {"model": getattr(model, "pnnh_name", type(model).__name__),
+                            "model_kwargs": getattr(model, "pnnh_kwargs", {})}
+    meta.update({k: cfg[k] for k in DATA_KEYS if k in cfg and k != "input_size"})
+    meta["input_size"] = list(input_shape)
+    return json.loads(json.dumps(meta))  # plain JSON types, as read back
+
+
+def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata_props`` of an ONNX file, each value decoded from JSON (text that is not JSON as is)."""
+    import onnx
+
+    out: dict[str, Any] = {}
+    for entry in onnx.load(str(path), load_external_data=False).metadata_props:
+        try:
+            out[entry.key] = json.loads(entry.value)
+        except ValueError:
+            out[entry.key] = entry.value
     return out
 
 

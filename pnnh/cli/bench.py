@@ -8,7 +8,7 @@ import click
 
 from ..errors import ConfigError
 from ..models import create_model
-from ..train.checkpoint import load_weights, read_metadata
+from ..train.checkpoint import data_cfg, load_weights, read_metadata
 from ..utils import atomic_write_text, parse_kv
 
 __all__ = ["bench_cmd", "export_cmd"]
@@ -101,10 +101,14 @@ def export_cmd(model_name, checkpoint, onnx_path, input_size, in_chans, num_clas
     if input_size is not None:
         kwargs["img_size"] = input_size
     model = create_model(model_name, **kwargs)
-    if checkpoint:
+    if checkpoint:  # the weights, and what they were trained on (recorded in the ONNX file)
         load_weights(checkpoint, model)
+        model.default_cfg = {**getattr(model, "default_cfg", {}), **data_cfg(meta)}
     info = export_onnx(model, onnx_path, input_size=input_size, fused=not no_fuse, opset=opset, check=not no_check)
     check = (f"onnxruntime parity ok (max |diff| {info['max_abs_diff']:.2e})" if info["checked"]
              else "not checked")
     click.echo(f"{model_name} -> {info['path']} ({info['bytes'] / 1e6:.2f} MB, input 1x{'x'.join(map(str, info['input_shape']))}"
                f" dynamic batch, {'fused' if info['fused'] else 'unfused'}, opset {opset}); {check}")
+    props = info["metadata"]
+    if "classes" in props:
+        click.echo(f"metadata_props: model, {len(props['classes'])} class names, mean/std of {props.get('data')}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +121,10 @@ _USER_ERROR = ".user-error.json"
 
 def _note_user_error(out: str, e: PnnhError) -> None:
     """Under torchrun with --max-restarts, record a user error: the restarted workers repeat it at
-    once instead of running the same failing job again (torchrun restarts on any failure)."""
+    once instead of running the same failing job again (torchrun restarts on any failure). The
+    job's last attempt records nothing (no worker would read it)."""
     run_id = distributed.elastic_run_id()
-    if not run_id or not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) or getattr(e, "quiet", False):
+    if not run_id or not distributed.elastic_attempts_left() or getattr(e, "quiet", False):
         return
     try:
         atomic_write_text(Path(out) / _USER_ERROR, json.dumps({"run_id": run_id, "error": str(e), "exit_code": e.exit_code}))
@@ -133,7 +133,8 @@ def _note_user_error(out: str, e: PnnhError) -> None:
 
 
 def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
-    """In a worker torchrun restarted: raise the user error its job already hit (see _note_user_error)."""
+    """In a worker torchrun restarted: raise the user error its job already hit (see _note_user_error).
+    In the job's last attempt rank 0 removes the note once every rank has read it."""
     path = Path(out) / _USER_ERROR
     if not distributed.elastic_restart():
         if is_main:
@@ -145,6 +146,11 @@ def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
     except (OSError, ValueError):
         return
     if isinstance(note, dict) and note.get("run_id") == distributed.elastic_run_id():
+        if not distributed.elastic_attempts_left():
+            distributed.barrier()
+            if is_main:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
         e = PnnhError(note.get("error", "")) if is_main else PeerError("")
         e.exit_code = int(note.get("exit_code", 2))
         raise e

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiments.stats import mean, sample_std
+from ..experiments.stats import difference, mean, sample_std
 from ..utils import atomic_write_text
 
-__all__ = ["Section", "Group", "aggregate", "verdicts", "make_figures", "render_markdown", "render_html",
+__all__ = ["Section", "Group", "Contrast", "aggregate", "contrast", "verdicts", "VERDICT_RULE", "make_figures",
+           "render_markdown", "render_html",
            "html_page", "html_figure", "md_table", "html_table", "write_report", "load_results"]
 
 # classes per dataset, for the chance level (imagefolder: unknown, no chance line)
@@ -29,9 +30,14 @@ _NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 _FAMILY_COLORS = {"plain": "tab:red", "resnet": "tab:blue", "pnnh": "tab:green", "plain_dirac": "tab:orange",
                   "preact_resnet": "tab:purple", "plain_delta": "tab:brown"}
 _SPARE_COLORS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
-# verdict wording: a family "degrades" with depth when its deepest net is this much below its shallowest
-# (in accuracy units), "dips slightly" for a smaller drop beyond noise (2 points or 2 std over seeds)
+# verdict wording: a difference of mean accuracies is claimed only when it exceeds both twice its standard
+# error over seeds (Welch) and _MIN_DIFF (a one-seed side has no spread, so the floor is what then holds);
+# a family "degrades" with depth when some depth is more than _BIG_DROP below its shallowest (accuracy units)
+_MIN_DIFF = 0.02
 _BIG_DROP = 0.10
+VERDICT_RULE = ("A difference is claimed only where it exceeds both twice its standard error over seeds "
+                "(Welch: sqrt(s_a²/n_a + s_b²/n_b)) and 2 points; accuracies are mean ± sample std over seeds, "
+                "differences mean ± standard error.")
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Group:
     n_diverged: int
     acc: float | None  # mean test accuracy in [0, 1] over non-diverged seeds
     acc_std: float
+    accs: list[float]  # test accuracy of each non-diverged seed
     params: int | None
     img_s: float | None
     wall_s: float | None
@@ -87,7 +94,7 @@ def aggregate(results: dict[str, Any]) -> list[Group]:
         ok = [r for r in rs if r["status"] == "complete"]
         accs = [r["test_acc"] for r in ok]
         groups.append(Group(fam, depth, rs[0]["model"], rs[0].get("model_kwargs") or {}, len(rs), len(rs) - len(ok),
-                            _mean(accs), sample_std(accs), ok[0]["params"] if ok else None,
+                            _mean(accs), sample_std(accs), accs, ok[0]["params"] if ok else None,
                             _mean([r["train_img_per_s"] for r in ok]), _mean([r["wall_s"] for r in ok]),
                             [r["curves"]["train_loss"] for r in ok if (r.get("curves") or {}).get("train_loss")]))
     groups.sort(key=lambda g: (fam_order.get(g.family, len(fam_order)), g.family, g.depth))
@@ -115,44 +122,113 @@ def _by_family(groups: list[Group]) -> dict[str, list[Group]]:
     return out
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """``a``'s mean accuracy minus ``b``'s, with the Welch standard error of that difference."""
+
+    a: Group
+    b: Group
+    diff: float  # accuracy units
+    se: float
+
+    @property
+    def one_seed(self) -> bool:
+        """Whether a side has a single seed (no spread of its own: ``se`` understates the error)."""
+        return min(len(self.a.accs), len(self.b.accs)) < 2
+
+    @property
+    def clear(self) -> bool:
+        """Whether the difference exceeds twice its standard error and the 2-point floor."""
+        return abs(self.diff) > max(2 * self.se, _MIN_DIFF)
+
+    def points(self, signed: bool = True) -> str:
+        """The difference in points, ``-3.1 ± 0.8 points`` (no ``±`` with a one-seed side)."""
+        d = f"{self.diff * 100:+.1f}" if signed else f"{abs(self.diff) * 100:.1f}"
+        return f"{d} points" if self.one_seed else f"{d} ± {self.se * 100:.1f} points"
+
+    def within(self) -> str:
+        """Why the difference is not claimed: within the seed error, or under the 2-point floor."""
+        if not self.one_seed and abs(self.diff) <= 2 * self.se:
+            return f"within seed error ({self.points()})"
+        return f"within {_MIN_DIFF * 100:.0f} points ({self.points()})"
+
+
+def contrast(a: Group, b: Group) -> Contrast | None:
+    """``a`` against ``b`` (:func:`pnnh.experiments.stats.difference`); ``None`` without finished seeds."""
+    d = difference(a.accs, b.accs)
+    return None if d is None else Contrast(a, b, *d)
+
+
+def _seeds_words(groups: list[Group]) -> str:
+    ns = sorted({len(g.accs) for g in groups})
+    if ns == [1]:
+        return "one seed each, so no seed error"
+    return f"{ns[0]} seeds each" if len(ns) == 1 else f"{ns[0]} to {ns[-1]} seeds"
+
+
+def _depth_verdict(fam: str, gs: list[Group]) -> str:
+    """How ``fam`` holds up with depth: every deeper net against the shallowest, the largest change named."""
+    first = gs[0]
+    cs = [contrast(g, first) for g in gs[1:]]
+    chain = " → ".join(f"{_acc_words(g)} at depth {g.depth}" for g in gs)
+    drops = [c for c in cs if c.clear and c.diff < 0]
+    gains = [c for c in cs if c.clear and c.diff > 0]
+    if drops:
+        c = min(drops, key=lambda c: c.diff)
+        what = "degrades with depth" if -c.diff > _BIG_DROP else "dips with depth"
+        what += f": depth {c.a.depth} is {c.points(signed=False)} below depth {first.depth}"
+    elif gains:
+        c = max(gains, key=lambda c: c.diff)
+        what = f"improves with depth: depth {c.a.depth} is {c.points(signed=False)} above depth {first.depth}"
+    else:
+        c = max(cs, key=lambda c: abs(c.diff))
+        seed_error = all(not x.one_seed and abs(x.diff) <= 2 * x.se for x in cs)
+        bound = "seed error" if seed_error else f"{_MIN_DIFF * 100:.0f} points"
+        what = (f"holds up with depth: every depth within {bound} of depth {first.depth} "
+                f"(largest change at depth {c.a.depth}: {c.points()})")
+    return f"{fam} {what}; {chain} ({_seeds_words(gs)})."
+
+
+def _pair_verdict(x: Group, y: Group) -> str:
+    """``x`` against ``y`` at the same depth: one above the other only beyond the seed error."""
+    c = contrast(x, y)
+    if c.clear:
+        hi, lo = (x, y) if c.diff > 0 else (y, x)
+        c = contrast(hi, lo)
+        return (f"At depth {x.depth}, {hi.label} is {c.points(signed=False)} above {lo.label}: {_acc_words(hi)} "
+                f"against {_acc_words(lo)} ({_seeds_words([x, y])}).")
+    return (f"At depth {x.depth}, {x.label} and {y.label} are {c.within()}: {_acc_words(x)} and {_acc_words(y)} "
+            f"({_seeds_words([x, y])}).")
+
+
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain-language findings computed from the data (nothing here is a fixed claim)."""
+    """Plain-language findings computed from the data (nothing here is a fixed claim).
+
+    A difference of mean accuracies is stated as one family above another, or a family losing or
+    gaining with depth, only where :attr:`Contrast.clear` (beyond twice the Welch standard error and
+    2 points); otherwise the line says the two are within seed error (or within 2 points) and gives
+    the difference with its error (:data:`VERDICT_RULE`).
+    """
     groups = aggregate(results)
     fams = _by_family(groups)
     study = results["study"]
-    n_seeds = len(study.get("seeds", [0]))
-    of_seeds = f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""
     lines: list[str] = []
     # 1. does each family hold up with depth?
     for fam, gs in fams.items():
         gs = [g for g in gs if g.acc is not None]
-        if len(gs) < 2:
-            continue
-        first, last = gs[0], gs[-1]
-        chain = " → ".join(f"{g.acc * 100:.1f}% at depth {g.depth}" for g in gs)
-        tol = max(0.02, 2 * max(first.acc_std, last.acc_std))
-        change = last.acc - first.acc
-        if change < -max(tol, _BIG_DROP):
-            what = f"degrades with depth, losing {-change * 100:.1f} points"
-        elif change < -tol:
-            what = f"dips slightly with depth, losing {-change * 100:.1f} points"
-        elif change > tol:
-            what = f"improves with depth, gaining {change * 100:.1f} points"
-        else:
-            what = f"holds up with depth (within {tol * 100:.0f} points)"
-        lines.append(f"{fam} {what}: {chain}{of_seeds}.")
-    # 2. head to head at the deepest depth each family shares with the reference family
+        if len(gs) >= 2:
+            lines.append(_depth_verdict(fam, gs))
+    # 2. head to head at the deepest depth each pair shares: every family against the reference
+    #    (plain) and against resnet
     ref = "plain" if "plain" in fams else next(iter(fams))
-    ref_by_depth = {g.depth: g for g in fams.get(ref, [])}
-    for fam, gs in fams.items():
-        if fam == ref:
-            continue
-        shared = [g for g in gs if g.depth in ref_by_depth]
-        if not shared:
-            continue
-        g = shared[-1]
-        r = ref_by_depth[g.depth]
-        lines.append(f"{r.label} reached {_acc_words(r)} where {g.label} reached {_acc_words(g)}{of_seeds}.")
+    base = "resnet" if "resnet" in fams else ref
+    pairs = [(ref, f) for f in fams if f != ref]
+    pairs += [(f, base) for f in fams if base != ref and f not in (ref, base)]
+    for fx, fy in pairs:
+        by_y = {g.depth: g for g in fams[fy] if g.acc is not None}
+        shared = [g for g in fams[fx] if g.acc is not None and g.depth in by_y]
+        if shared:
+            lines.append(_pair_verdict(shared[-1], by_y[shared[-1].depth]))
     # 3. runs that did not learn at all
     k = _NUM_CLASSES.get(study.get("data", ""))
     if k:
@@ -165,7 +241,6 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         if g.n_diverged:
             lines.append(f"{g.label}: {g.n_diverged} of {g.n} runs diverged (the loss became NaN or infinite).")
     # 4. cost at the deepest depth every family shares with resnet (or the reference)
-    base = "resnet" if "resnet" in fams else ref
     base_by_depth = {g.depth: g for g in fams.get(base, [])}
     for fam, gs in fams.items():
         if fam == base:
@@ -183,7 +258,9 @@ def verdicts(results: dict[str, Any]) -> list[str]:
 
 
 def _acc_words(g: Group) -> str:
-    return "no result (diverged)" if g.acc is None else f"{g.acc * 100:.1f}%"
+    if g.acc is None:
+        return "no result (diverged)"
+    return f"{g.acc * 100:.1f} ± {g.acc_std * 100:.1f}%" if len(g.accs) > 1 else f"{g.acc * 100:.1f}%"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -439,7 +516,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, tuple[str, bytes
     md += [" ".join(_setup_sentences(results)), ""]
     if study.get("command"):
         md += [f"Command: `{study['command']}`", ""]
-    md += ["## Verdict", ""] + [f"- {v}" for v in verdicts(results)] + [""]
+    md += ["## Verdict", ""] + [f"- {v}" for v in verdicts(results)] + ["", VERDICT_RULE, ""]
     md += ["## Test accuracy", "", md_table(accuracy_table(groups, fams)), ""]
 
     def fig(stem: str) -> list[str]:
@@ -496,7 +573,8 @@ def render_html(results: dict[str, Any], figures: dict[str, tuple[str, bytes]],
     parts = [f"<h1>Depth study: {e(study.get('preset', ''))}</h1>",
              "".join(f"<p>{e(s)}</p>" for s in _setup_sentences(results)),
              f"<p>Command: <code>{e(study['command'])}</code></p>" if study.get("command") else "",
-             "<h2>Verdict</h2><ul class=\"verdict\">" + "".join(f"<li>{e(v)}</li>" for v in verdicts(results)) + "</ul>",
+             "<h2>Verdict</h2><ul class=\"verdict\">" + "".join(f"<li>{e(v)}</li>" for v in verdicts(results)) + "</ul>"
+             + f"<p class=\"note\">{e(VERDICT_RULE)}</p>",
              "<h2>Test accuracy</h2>" + html_table(accuracy_table(groups, fams)) + fig("accuracy_vs_depth"),
              "<h2>Training loss</h2>" + fig("loss_curves"),
              "<h2>Accuracy against cost</h2>" + fig("accuracy_vs_params") + fig("accuracy_vs_wall"),

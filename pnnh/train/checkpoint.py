@@ -7,7 +7,8 @@ One file holds everything needed to continue a run exactly:
 - ``rng.torch`` (and ``rng.cuda.<i>``): random generator states;
 - metadata (strings): ``format``, the model name and kwargs, the run config, the position
   (epoch, step, batch within epoch), the optimizer's param groups and scalar state, the
-  training curve so far, all as JSON.
+  training curve so far, and what the model was trained on (:data:`DATA_KEYS`: dataset, class
+  names, input normalisation and size), all as JSON.
 
 safetensors is a flat tensor format with a JSON header: loading it cannot run code, unlike a
 pickle. A pickled file (``torch.save`` output) handed to :func:`load_checkpoint` is refused.
@@ -35,9 +36,12 @@ from ..models.pnnh_cnn import upgrade_state_dict
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
-           "read_state", "load_model", "FORMAT"]
+           "read_state", "load_model", "data_cfg", "FORMAT", "DATA_KEYS"]
 
 FORMAT = "pnnh-checkpoint-v1"
+#: What a run's files record about its data: the dataset name, class names by output index, the
+#: per-channel mean/std that normalise [0, 1] pixels, and the input size (C, H, W).
+DATA_KEYS = ("data", "classes", "mean", "std", "input_size")
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -88,10 +92,12 @@ def _model_meta(model: nn.Module) -> dict[str, str]:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any]) -> None:
-    """Atomically write a full training checkpoint. ``state`` is JSON-serialisable run state."""
+                    state: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+    """Atomically write a full training checkpoint. ``state`` is JSON-serialisable run state;
+    ``metadata`` adds JSON-serialisable entries (such as :data:`DATA_KEYS`)."""
     tensors = _plain_tensors("model.", model.state_dict())
-    meta: dict[str, str] = {"format": FORMAT, "kind": "checkpoint", **_model_meta(model)}
+    meta: dict[str, str] = {"format": FORMAT, "kind": "checkpoint", **_model_meta(model),
+                            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     if optimizer is not None:
         osd = optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
@@ -245,13 +251,25 @@ def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
     return meta
 
 
+def data_cfg(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`DATA_KEYS` entries of a file's metadata, plus timm's names for the classes:
+    ``label_names`` (the class names) and ``num_classes``."""
+    cfg = {k: meta[k] for k in DATA_KEYS if k in meta}
+    if isinstance(cfg.get("classes"), list):
+        cfg["label_names"] = list(cfg["classes"])
+        cfg["num_classes"] = len(cfg["classes"])
+    return cfg
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a pnnh weights file or checkpoint holds, load its weights, in eval mode.
 
     The architecture comes from the file's metadata (registered name and options, as
-    ``create_model`` stamped them). A run's ``model.safetensors`` also records what the model
-    expects and predicts; it lands in ``model.default_cfg``: ``classes`` (names, by output index),
-    ``mean``/``std`` (per-channel normalisation of [0, 1] pixels) and ``input_size`` (C, H, W).
+    ``create_model`` stamped them). A run's ``model.safetensors`` and ``checkpoint.safetensors``
+    also record what the model expects and predicts (:func:`data_cfg`); it lands in
+    ``model.pretrained_cfg`` (the same dict as ``model.default_cfg``, as in timm): ``classes`` and
+    ``label_names`` (names, by output index), ``num_classes``, ``mean``/``std`` (per-channel
+    normalisation of [0, 1] pixels), ``input_size`` (C, H, W) and ``data`` (the dataset).
     """
 
     path = Path(path)
@@ -262,8 +280,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     model = create_model(name, **kwargs)
     load_weights(path, model)
     cfg = dict(getattr(model, "default_cfg", None) or {})
-    cfg.update({k: meta[k] for k in ("classes", "mean", "std", "input_size", "data") if k in meta})
-    model.default_cfg = cfg
+    cfg.update(data_cfg(meta))
+    model.default_cfg = model.pretrained_cfg = cfg
     return model.to(device).eval()
 
 

@@ -67,6 +67,12 @@ def elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def elastic_attempts_left() -> int:
+    """How many more times torchrun (``--max-restarts``) starts this worker group again if it fails."""
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return max(0, left)
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group described by torchrun's environment; False when not under torchrun.
 

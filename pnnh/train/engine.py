@@ -248,6 +248,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     augment = cfg.augment_for(total_steps / steps_per_epoch)
     train_loader.augment = augment
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # what the checkpoint and the final weights record about the data (pnnh.load_model reads it back)
+    data_meta = {"data": cfg.data, "classes": train_ds.classes, "mean": list(train_ds.mean), "std": list(train_ds.std),
+                 "input_size": list(train_ds.images.shape[1:])}
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -296,7 +299,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             "config": cfg.to_dict(), "step": step, "curve": curve, "train_seconds": clock.seconds,
             "train_images": clock.images, "wall_seconds": wall_before + time.time() - session_start,
             "epoch_sums": None if sums is None else sums.tolist(), "world_size": world,
-            "elastic_run_id": dist_utils.elastic_run_id(), "scaler": scaler.state_dict() or None})
+            "elastic_run_id": dist_utils.elastic_run_id(), "scaler": scaler.state_dict() or None}, data_meta)
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
@@ -411,9 +414,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     def finish() -> None:
         if out is not None:
-            save_weights(out / "model.safetensors", model, {
-                "test_acc": test["acc"], "steps": total_steps, "data": cfg.data, "classes": train_ds.classes,
-                "mean": list(train_ds.mean), "std": list(train_ds.std), "input_size": list(train_ds.images.shape[1:])})
+            save_weights(out / "model.safetensors", model, {"test_acc": test["acc"], "steps": total_steps, **data_meta})
             _write_summary(out, summary)
             _unlock_run_dir(out)
 

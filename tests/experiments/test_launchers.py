@@ -35,7 +35,7 @@ PROGRESS = re.compile(r"(?:\| |^progress: )(\d+) done, (\d+) running(?:, (\d+) q
 
 
 def _args(data_dir: Path, out: Path) -> list[str]:
-    return ["--families", "plain,resnet", "--depths", "8", "--steps", "24", "--data-dir", str(data_dir),
+    return ["--families", "plain,resnet", "--depths", "8", "--seeds", "1", "--steps", "24", "--data-dir", str(data_dir),
             "-k", "width=0.25", "--threads", "1", "--no-progress", "--out", str(out)]
 
 
@@ -47,7 +47,7 @@ def _env(**extra: str) -> dict[str, str]:
 def reference(fmnist_small, tmp_path_factory) -> dict[str, dict]:
     """Per-run results of the tiny study trained one run after another in this process."""
     out = tmp_path_factory.mktemp("in-process")
-    study = plan_study("quick", out=out, families=["plain", "resnet"], depths=[8], data_dir=str(fmnist_small),
+    study = plan_study("quick", out=out, families=["plain", "resnet"], depths=[8], seeds=1, data_dir=str(fmnist_small),
                        threads=1, train={"steps": 24}, model_kwargs={"width": 0.25})
     results = run_study(study, log=lambda line: None, render=False)
     return {r["model"]: r for r in results["runs"]}
@@ -130,7 +130,7 @@ def test_local_workers_give_the_same_results_and_resume_a_killed_worker(referenc
     summaries = sorted(out.glob("runs/*/summary.json"))
     before = {p: p.stat().st_mtime_ns for p in summaries}
     lines: list[str] = []
-    study = plan_study("quick", out=out, families=["plain", "resnet"], depths=[8], data_dir=str(fmnist_small),
+    study = plan_study("quick", out=out, families=["plain", "resnet"], depths=[8], seeds=1, data_dir=str(fmnist_small),
                        threads=1, train={"steps": 24}, model_kwargs={"width": 0.25})
     run_study(study, log=lines.append, render=False, launch=LaunchOptions(jobs=2))
     assert sum("finished earlier, kept" in l for l in lines) == 2 and not any("launching" in l for l in lines)

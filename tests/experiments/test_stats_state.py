@@ -78,7 +78,7 @@ def test_without_marker_or_checkpoint_the_summary_is_compared(tmp_path):
 
 def test_yaml_grid_files_and_costs(tmp_path):
     quick = load_yaml("study/quick.yaml")  # found under configs/
-    assert quick["name"] == "quick" and quick["train"]["steps"] == 100
+    assert quick["name"] == "quick" and quick["train"]["steps"] == 60
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
@@ -101,7 +101,7 @@ def test_a_refused_slurm_submission_is_one_error_line(tmp_path, monkeypatch, cap
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     with pytest.raises(SystemExit) as e:
         main(["study", "--launcher", "slurm", "--slurm-partition", "nope", "--families", "plain", "--depths", "8",
-              "--steps", "2", "--out", str(tmp_path / "s")])
+              "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (

@@ -30,7 +30,7 @@ def test_report_html_renders_in_headless_chromium(tiny_study, tmp_path):
         assert img["complete"] and img["width"] > 300 and img["height"] > 200, img
         assert img["shown"] > 300, img  # laid out at a readable size
     assert page["tables"] >= 4 and page["scripts"] == 0
-    assert "Verdict" in page["text"] and "plain8 reached" in page["text"]
+    assert "Verdict" in page["text"] and "At depth 8, " in page["text"]
     for r in results["runs"]:
         assert f"{r['test_acc'] * 100:.1f}%" in page["text"]
     shot = Image.open(io.BytesIO(page["screenshot"])).convert("L")

@@ -48,21 +48,67 @@ STORY = [_run("plain", 8, 0, 0.80, 900), _run("plain", 20, 0, 0.70, 400), _run("
 
 def test_verdicts_are_computed_from_the_data():
     v = verdicts(_results(STORY))
-    assert "plain degrades with depth, losing 66.6 points: 80.0% at depth 8 → 70.0% at depth 20 → 13.4% at depth 56." in v
-    assert "resnet dips slightly with depth, losing 4.9 points: 81.0% at depth 8 → 82.0% at depth 20 → 76.1% " \
-           "at depth 56." in v
+    assert ("plain degrades with depth: depth 56 is 66.6 points below depth 8; 80.0% at depth 8 → 70.0% at depth 20 "
+            "→ 13.4% at depth 56 (one seed each, so no seed error).") in v
+    assert any(s.startswith("resnet dips with depth: depth 56 is 4.9 points below depth 8;") for s in v)
     mild = verdicts(_results([r for r in STORY if r["depth"] < 20] + [_run("plain", 20, 0, 0.75),
                                                                         _run("resnet", 20, 0, 0.82)]))
-    assert any(s.startswith("resnet holds up with depth (within 2 points)") for s in mild)
-    assert any(s.startswith("plain dips slightly with depth, losing 5.0 points") for s in mild)
-    assert "plain56 reached 13.4% where resnet56 reached 76.1%." in v
+    assert any(s.startswith("resnet holds up with depth: every depth within 2 points of depth 8 (largest change "
+                            "at depth 20: +1.0 points)") for s in mild)
+    assert any(s.startswith("plain dips with depth: depth 20 is 5.0 points below depth 8") for s in mild)
+    assert "At depth 56, resnet56 is 62.7 points above plain56: 76.1% against 13.4% (one seed each, so no seed " \
+           "error)." in v
     assert any(s.startswith("plain56 stayed near chance level (10% for 10 classes)") for s in v)
     assert "At depth 56, plain56 trains at 1.08x the images/s of resnet56." in v
     # flip the story: the verdict follows the numbers, not the family names
     flipped = [dict(r, family={"plain": "resnet", "resnet": "plain"}[r["family"]]) for r in STORY]
     v2 = verdicts(_results(flipped))
     assert any(s.startswith("resnet degrades with depth") for s in v2)
-    assert any(s.startswith("plain dips slightly with depth") for s in v2)
+    assert any(s.startswith("plain dips with depth") for s in v2)
+    assert any(s.startswith("At depth 56, plain56 is 62.7 points above resnet56") for s in v2)
+
+
+def _seeded(family, accs_by_depth):
+    return [_run(family, d, s, a) for d, accs in accs_by_depth.items() for s, a in enumerate(accs)]
+
+
+def test_a_difference_within_the_seed_error_is_not_claimed():
+    # pnnh56 is 2.5 points above resnet56 on average, but resnet56's seeds spread by 5 points:
+    # the Welch standard error of the difference is 2.9 points, so neither is "above" the other
+    runs = _seeded("plain", {8: (0.80, 0.81, 0.79), 56: (0.30, 0.35, 0.25)})
+    runs += _seeded("resnet", {8: (0.80, 0.81, 0.79), 56: (0.74, 0.84, 0.79)})
+    runs += _seeded("pnnh", {8: (0.80, 0.81, 0.79), 56: (0.815, 0.82, 0.81)})
+    v = verdicts(_results(runs, families=("plain", "resnet", "pnnh"), seeds=(0, 1, 2)))
+    assert ("At depth 56, pnnh56 and resnet56 are within seed error (+2.5 ± 2.9 points): 81.5 ± 0.5% and "
+            "79.0 ± 5.0% (3 seeds each).") in v
+    assert not any("pnnh56 is" in s and "above resnet56" in s for s in v)
+    # a difference beyond twice its error is claimed, with the error
+    assert "At depth 56, resnet56 is 49.0 ± 4.1 points above plain56: 79.0 ± 5.0% against 30.0 ± 5.0% " \
+           "(3 seeds each)." in v
+    assert any(s.startswith("At depth 56, pnnh56 is 51.5 ± 2.9 points above plain56") for s in v)
+    # the same means with a tight spread: now the 2.5 points exceed twice the error (0.4)
+    tight = [dict(r, test_acc={0: 0.785, 1: 0.79, 2: 0.795}[r["seed"]]) if r["family"] == "resnet" and r["depth"] == 56
+             else r for r in runs]
+    v2 = verdicts(_results(tight, families=("plain", "resnet", "pnnh"), seeds=(0, 1, 2)))
+    assert any(s.startswith("At depth 56, pnnh56 is 2.5 ± 0.4 points above resnet56") for s in v2)
+
+
+def test_a_dip_at_a_middle_depth_is_not_summarised_as_holding_up():
+    # the deepest net is level with the shallowest, but depth 20 is 3.2 points below it (beyond seed error)
+    runs = _seeded("plain", {8: (0.80, 0.81, 0.79), 20: (0.76, 0.77, 0.775), 56: (0.795, 0.80, 0.81)})
+    runs += _seeded("resnet", {8: (0.80, 0.81, 0.79), 20: (0.70, 0.85, 0.78), 56: (0.74, 0.84, 0.79)})
+    v = verdicts(_results(runs, seeds=(0, 1, 2)))
+    plain = next(s for s in v if s.startswith("plain "))
+    assert plain == ("plain dips with depth: depth 20 is 3.2 ± 0.7 points below depth 8; 80.0 ± 1.0% at depth 8 → "
+                     "76.8 ± 0.8% at depth 20 → 80.2 ± 0.8% at depth 56 (3 seeds each).")
+    # resnet's 2.3-point dip at depth 20 is within its seed error (± 4.4): said so, with the numbers
+    resnet = next(s for s in v if s.startswith("resnet "))
+    assert resnet.startswith("resnet holds up with depth: every depth within seed error of depth 8 (largest change "
+                             "at depth 20: -2.3 ± 4.4 points);")
+    # "within 2 points" only where every depth is: one seed and a 3-point dip in the middle is a dip
+    one = [_run("plain", 8, 0, 0.80), _run("plain", 20, 0, 0.769), _run("plain", 56, 0, 0.80)]
+    (line,) = [s for s in verdicts(_results(one)) if s.startswith("plain ")]
+    assert line.startswith("plain dips with depth: depth 20 is 3.1 points below depth 8;") and "within" not in line
 
 
 def test_seeds_give_mean_and_std_and_diverged_runs_are_reported():
@@ -75,7 +121,9 @@ def test_seeds_give_mean_and_std_and_diverged_runs_are_reported():
     md = render_markdown(res, {})
     assert "| 56 | 20.0 ± 10.0% | 75.0 ± 7.1% (1 of 3 diverged) |" in md
     assert "resnet56: 1 of 3 runs diverged (the loss became NaN or infinite)." in md
-    assert "plain56 reached 20.0% where resnet56 reached 75.0% (mean of 3 seeds)." in md
+    assert "At depth 56, resnet56 is 55.0 ± 7.6 points above plain56: 75.0 ± 7.1% against 20.0 ± 10.0% " \
+           "(2 to 3 seeds)." in md
+    assert "A difference is claimed only where it exceeds both twice its standard error" in md
 
 
 def test_markdown_tables_and_figure_links():

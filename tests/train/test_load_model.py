@@ -1,4 +1,5 @@
-"""pnnh.load_model: a run's weights file rebuilds its model, with classes and normalisation."""
+"""pnnh.load_model: a run's weights file rebuilds its model, with classes and normalisation; the run's
+files (safetensors metadata) and its ONNX export record them."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import pnnh
+from pnnh.cli import cli
 from pnnh.data import load_dataset
 from pnnh.train import TrainConfig, train
 
@@ -36,3 +38,38 @@ def test_load_model_refuses_a_file_without_a_model(tmp_path):
     save_file({"model.x": torch.zeros(1)}, str(path), metadata={"format": "pnnh-checkpoint-v1", "kind": "weights"})
     with pytest.raises(pnnh.CheckpointError, match="does not record which model it holds"):
         pnnh.load_model(path)
+
+
+def test_run_files_and_their_onnx_export_record_classes_and_normalisation(fmnist_small, tmp_path):
+    import onnx
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    train(TrainConfig(model="resnet8", model_kwargs={"width": 0.5}, data_dir=str(fmnist_small), train_subset=128,
+                      test_subset=64, batch_size=32, steps=4, threads=1, progress=False, out=str(out)))
+    ds = load_dataset("fashion-mnist", "train", fmnist_small)
+    want = {"data": "fashion-mnist", "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
+            "input_size": [1, 28, 28], "model": "resnet8",
+            "model_kwargs": {"num_classes": 10, "in_chans": 1, "width": 0.5, "img_size": 28}}
+    assert ds.classes[0] == "T-shirt/top" and len(ds.mean) == len(ds.std) == 1
+    for name in ("model.safetensors", "checkpoint.safetensors"):  # safetensors' own reader, no pnnh code
+        with safe_open(str(out / name), "pt") as f:
+            raw = f.metadata()
+        assert {k: json.loads(raw[k]) for k in want} == want, name
+        cfg = pnnh.load_model(out / name).pretrained_cfg
+        assert cfg["label_names"] == cfg["classes"] == ds.classes and cfg["num_classes"] == 10
+        assert cfg["mean"] == list(ds.mean) and cfg["std"] == list(ds.std) and cfg["data"] == "fashion-mnist"
+
+    res = CliRunner().invoke(cli, ["export", "--checkpoint", str(out / "model.safetensors"),
+                                   "--onnx", str(tmp_path / "r8.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "metadata_props: model, 10 class names, mean/std of fashion-mnist" in res.output
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "r8.onnx")).metadata_props}
+    assert {k: json.loads(props[k]) for k in want} == want
+    # a model built without a run records its architecture only
+    from pnnh.bench.export import export_onnx, read_onnx_metadata
+
+    info = export_onnx(pnnh.create_model("plain8", width=0.25), tmp_path / "p8.onnx", check=False)
+    assert read_onnx_metadata(tmp_path / "p8.onnx") == info["metadata"] == {
+        "model": "plain8", "model_kwargs": {"num_classes": 10, "in_chans": 1, "width": 0.25}, "input_size": [1, 28, 28]}

@@ -153,4 +153,28 @@ def test_torchrun_user_error_one_line_and_not_rerun(fmnist_small, tmp_path):
     assert errors == [f"error: {out} already holds a run; pass --resume to continue it or choose another --out"] * 3, p.stderr
     assert "gloo" not in p.stderr.lower() and "pnnh/train" not in p.stderr, p.stderr  # no worker traceback
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"  # the run is untouched
-    assert json.loads((out / ".user-error.json").read_text())["error"] == errors[0][len("error: "):]  # what restarts repeat
+    assert not (out / ".user-error.json").exists()  # the note for restarts ends with the job
+
+
+@pytest.mark.parametrize("restart,kept", [(1, True), (2, False)])
+def test_the_user_error_note_is_repeated_and_removed_by_the_last_attempt(tmp_path, monkeypatch, capsys, restart, kept):
+    """Attempt ``restart`` of a torchrun job with --max-restarts 2 (one process; the note as the first attempt
+    left it): the error is repeated before anything runs; the last attempt removes the note."""
+    from pnnh.cli import main
+
+    for k, v in {"TORCHELASTIC_RUN_ID": "job-1", "TORCHELASTIC_MAX_RESTARTS": "2",
+                 "TORCHELASTIC_RESTART_COUNT": str(restart)}.items():
+        monkeypatch.setenv(k, v)
+    note = tmp_path / "run" / ".user-error.json"
+    note.parent.mkdir()
+    note.write_text(json.dumps({"run_id": "job-1", "error": "the first attempt's error", "exit_code": 2}))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "resnet8", "--steps", "1", "--data-dir", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: the first attempt's error\n"
+    assert note.exists() == kept
+    if not kept:  # a new user error in the last attempt records nothing either
+        with pytest.raises(SystemExit):
+            main(["train", "--model", "resnet8", "--steps", "1", "--data-dir", str(tmp_path / "nowhere"),
+                  "--out", str(tmp_path / "run")])
+        assert "error:" in capsys.readouterr().err and not note.exists()
