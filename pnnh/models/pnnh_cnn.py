@@ -408,8 +408,10 @@ class PNNHBlock(nn.Module):
                 if key not in shared:
                     shared[key] = _WeightHolder((n_code, c_in, k, k))
                 holder = shared[key]
-            layers.append(_LAYERS[spec.coder](c_in, c_out, k, s, n_code=n_code, in_code=code_in, spec=spec,
-                                              shared=holder))
+            layer_cls = _LAYERS[spec.coder]
+            if layer_cls is CheapCoderConv2d and (n_code == 0 or code_in == 0):
+                layer_cls = PNNHConv2d  # no code to carry (a layer too narrow for a coder channel): mirrored
+            layers.append(layer_cls(c_in, c_out, k, s, n_code=n_code, in_code=code_in, spec=spec, shared=holder))
             c_in, code_in = c_out, (n_code if spec.coder != "tied" else 0)
         self.layers = nn.Sequential(*layers)
         self.out_code = code_in
