@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .layers import DiracWeight, init_dirac_param_, mirror
-from .pnnh_cnn import CHEAP_CODERS, CoderSpec, PNNHConv2d, _he_
+from .layers import DiracWeight, _he_, init_dirac_param_, mirror
+from .pnnh_cnn import CHEAP_CODERS, CoderSpec, PNNHConv2d
 
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
 
@@ -226,10 +226,7 @@ class CheapCoderConv2d(nn.Module):
         if shared is not None:
             raise ConfigError(f"coder={spec.coder!r} has no stage-shared weight")
         in_ch, out_ch, k = in_channels, out_channels, kernel_size
-        n_code = spec.split(out_ch)[1] if n_code is None else n_code
-        in_code = spec.split(in_ch)[1] if in_code is None else in_code
-        if 2 * n_code > out_ch or 2 * in_code > in_ch:
-            raise ConfigError(f"coder channels do not fit: 2*{n_code} > {out_ch} or 2*{in_code} > {in_ch}")
+        n_code, in_code = spec.code_layout(in_ch, out_ch, n_code, in_code)
         if in_code == 0 or n_code == 0:
             raise ConfigError(f"coder={spec.coder!r} carries an input code: it needs in_code > 0 and n_code > 0 "
                               f"(got {in_code} and {n_code}); use a mirrored layer for an image")
