@@ -492,8 +492,9 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
             ``alpha = 1`` and ``beta = 0.1`` at init (1-D, so no weight decay). Still one conv per
             layer; it folds like any other (``deploy``). ``"init"``: the path is only where the
             weights *start* and training may move it. ``"auto"``
-            (default): ``"dirac"`` for the mirrored and cheap coders, chosen by ``pnnh ablate`` (5 epochs, depth
-            56, 3 seeds: docs/pnnh.md), ``"init"`` for ``shared``/``tied``, which it does not support.
+            (default): ``"dirac"`` for the mirrored coder, chosen by ``pnnh ablate`` (5 epochs, depth
+            56, 3 seeds: docs/pnnh.md), and for the cheap coders (the same parametrisation of their
+            weights); ``"init"`` for ``shared``/``tied``, which it does not support.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
