@@ -22,7 +22,9 @@ __all__ = ["ablate_cmd"]
 @click.option("--depths", default=DEFAULTS.get("depths"), show_default=True, help="Comma-separated CIFAR-layout depths.")
 @click.option("--seeds", default=DEFAULTS.get("seeds"), show_default=True, help="Comma-separated seeds.")
 @click.option("--budgets", default=DEFAULTS.get("budgets"), show_default=True,
-              help="short (150 steps) and/or long (5 epochs).")
+              help="Comma-separated budgets of configs/ablate.yaml: "
+                   + ", ".join(f"{k} ({', '.join(f'{u}={n}' for u, n in v.items())})" for k, v in BUDGETS.items())
+                   + ".")
 @click.option("--short-steps", type=int, help="Override the short budget's steps.")
 @click.option("--long-epochs", type=int, help="Override the long budget's epochs.")
 @click.option("--data", default="fashion-mnist", show_default=True)

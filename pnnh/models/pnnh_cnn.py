@@ -24,7 +24,9 @@ Other coders (documented options, measured in ``docs/results/pnnh_ablation.md``)
   same-shape layer of a stage (an unrolled recurrent coder);
 - ``coder="tied"``: a tied encoder-decoder coder summed with a full-width learner,
   ``y = relu(BN(W_l x + pad(E^T relu(BN(E x)))))`` — the decoder is the transpose of the encoder,
-  there is no identity term.
+  there is no identity term;
+- ``coder="pointwise"``, ``"depthwise"``, ``"code_conv"``, ``"fixed"``: the mirrored layer with
+  code rows cheaper than a ``k x k`` conv over all inputs (:mod:`pnnh.models.coders`).
 
 The ``llplain*`` family (looks-linear plain nets, Balduzzi et al. 2017: CReLU with mirrored
 weights, linear at init) is the ``coder_ratio=1`` special case: every channel is coder.
@@ -48,7 +50,8 @@ __all__ = ["mirror", "PNNHConv2d", "PNNHLayer", "PNNHSequential", "pnnh_stage", 
 
 torch.fx.wrap("mirror")  # a leaf in torch.fx graphs (the structure checks trace PNNH nets)
 
-CODERS = ("mirror", "shared", "tied")
+CHEAP_CODERS = ("pointwise", "depthwise", "code_conv", "fixed")  # pnnh/models/coders.py
+CODERS = ("mirror", "shared", "tied", *CHEAP_CODERS)
 CODER_INITS = ("identity", "orthogonal", "he")
 LEARNER_INITS = ("he", "dirac")
 PATH_PARAMS = ("auto", "init", "dirac")
@@ -81,10 +84,17 @@ class CoderSpec:
         self.coder, self.ratio, self.init, self.mix, self.learner_init = coder, ratio, init, mix, learner_init
         if path_param not in PATH_PARAMS:
             raise ConfigError(f"unknown path_param {path_param!r}; choose one of {', '.join(PATH_PARAMS)}")
-        if path_param == "auto":  # the mirrored coder keeps its path in the parametrisation (docs/pnnh.md)
-            path_param = "dirac" if coder == "mirror" else "init"
-        if path_param == "dirac" and coder != "mirror":
-            raise ConfigError("path_param='dirac' needs coder='mirror' (one weight per layer to reparametrise)")
+        if path_param == "auto":  # the mirrored and cheap coders keep their path in the parametrisation (docs/pnnh.md)
+            path_param = "dirac" if coder in ("mirror", *CHEAP_CODERS) else "init"
+        if path_param == "dirac" and coder in ("shared", "tied"):
+            raise ConfigError(f"path_param='dirac' needs a coder with its own weights per layer, not {coder!r}")
+        if coder in ("depthwise", "fixed") and init == "orthogonal":
+            raise ConfigError(f"coder_init='orthogonal' mixes code channels; coder={coder!r} maps each code "
+                              "channel on its own (use identity or he)")
+        if coder in CHEAP_CODERS and ratio == 0:
+            raise ConfigError(f"coder={coder!r} computes code channels: it needs coder_ratio > 0")
+        if coder == "fixed" and init != "identity":
+            raise ConfigError("coder='fixed' has no weights: it passes the code on (coder_init must be identity)")
         self.learner_mix, self.learner_bias, self.path_param = learner_mix, learner_bias, path_param
 
     def split(self, width: int) -> tuple[int, int]:
@@ -371,7 +381,7 @@ class TiedCoderLayer(nn.Module):
         raise ConfigError("the tied encoder-decoder coder has an inner ReLU: it does not fold into one conv")
 
 
-_LAYERS = {"mirror": PNNHConv2d, "shared": PNNHConv2d, "tied": TiedCoderLayer}
+_LAYERS = {"mirror": PNNHConv2d, "shared": PNNHConv2d, "tied": TiedCoderLayer}  # + the cheap coders (bottom)
 
 
 class PNNHBlock(nn.Module):
@@ -398,8 +408,10 @@ class PNNHBlock(nn.Module):
                 if key not in shared:
                     shared[key] = _WeightHolder((n_code, c_in, k, k))
                 holder = shared[key]
-            layers.append(_LAYERS[spec.coder](c_in, c_out, k, s, n_code=n_code, in_code=code_in, spec=spec,
-                                              shared=holder))
+            layer_cls = _LAYERS[spec.coder]
+            if layer_cls is CheapCoderConv2d and (n_code == 0 or code_in == 0):
+                layer_cls = PNNHConv2d  # no code to carry (a layer too narrow for a coder channel): mirrored
+            layers.append(layer_cls(c_in, c_out, k, s, n_code=n_code, in_code=code_in, spec=spec, shared=holder))
             c_in, code_in = c_out, (n_code if spec.coder != "tied" else 0)
         self.layers = nn.Sequential(*layers)
         self.out_code = code_in
@@ -420,11 +432,11 @@ class PNNHSequential(PicksKernels, nn.Sequential):
         super().__init__(*layers)
         prev = None
         for i, m in enumerate(self):
-            if not isinstance(m, (PNNHConv2d, TiedCoderLayer)):
+            if not isinstance(m, (PNNHConv2d, TiedCoderLayer, CheapCoderConv2d)):
                 continue
             if prev is not None:
                 j, p = prev
-                out_code = p.n_code if isinstance(p, PNNHConv2d) else 0
+                out_code = 0 if isinstance(p, TiedCoderLayer) else p.n_code
                 if (p.out_ch, out_code) != (m.in_ch, m.in_code):
                     raise ConfigError(f"layer {i} reads {m.in_ch} channels with {m.in_code} coder channels, but layer "
                                       f"{j} writes {p.out_ch} with {out_code}: build layer {i} with "
@@ -451,7 +463,11 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
         bottleneck: bottleneck blocks (1x1-3x3-1x1, x4) instead of basic (3x3-3x3).
         layout: ``"cifar"`` (16/32/64) or ``"imagenet"`` (64/128/256/512).
         coder: ``"mirror"`` (default), ``"shared"`` (coder weights shared by the same-shape layers
-            of a stage) or ``"tied"`` (tied encoder-decoder summed with the learner).
+            of a stage), ``"tied"`` (tied encoder-decoder summed with the learner), or a cheap
+            coder (:mod:`pnnh.models.coders`): ``"pointwise"`` (1x1 code rows), ``"depthwise"``
+            (each code channel from its own input pair), ``"code_conv"`` (``k x k`` over the
+            input's code only), ``"fixed"`` (no weights: the code passed on, a shortcut the
+            structure check reports).
         coder_ratio: share ``r`` of each layer's output channels that are coder channels
             (``2 C_c = r * width``; default 0.25, chosen by ``pnnh ablate``: it beat 0.5 at depths
             20, 56 and 110, docs/results/pnnh_ablation.md); ``r = 1`` is a looks-linear (all-CReLU)
@@ -477,7 +493,8 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
             layer; it folds like any other (``deploy``). ``"init"``: the path is only where the
             weights *start* and training may move it. ``"auto"``
             (default): ``"dirac"`` for the mirrored coder, chosen by ``pnnh ablate`` (5 epochs, depth
-            56, 3 seeds: docs/pnnh.md), ``"init"`` for ``shared``/``tied``, which it does not support.
+            56, 3 seeds: docs/pnnh.md), and for the cheap coders (the same parametrisation of their
+            weights); ``"init"`` for ``shared``/``tied``, which it does not support.
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -536,7 +553,7 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
 
     def pnnh_layers(self) -> list[nn.Module]:
         """Every PNNH layer (stem first) in forward order."""
-        return [m for m in self.modules() if isinstance(m, (PNNHConv2d, TiedCoderLayer))]
+        return [m for m in self.modules() if isinstance(m, (PNNHConv2d, TiedCoderLayer, CheapCoderConv2d))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -607,3 +624,6 @@ register_cifar_depths(("pnnh", "llplain"), _add_cifar_depth)
 
 
 from . import kernels  # noqa: E402  (the CPU training kernels subclass the layer above)
+from .coders import CheapCoderConv2d  # noqa: E402  (the cheap coders reuse the layer above)
+
+_LAYERS.update(dict.fromkeys(CHEAP_CODERS, CheapCoderConv2d))

@@ -281,7 +281,7 @@ def test_dirac_path_param_trains_folds_and_is_validated():
     assert is_plain(m, x)
     with pytest.raises(ConfigError, match="path_param"):
         pnnh.create_model("pnnh20", path_param="identity")
-    with pytest.raises(ConfigError, match="coder='mirror'"):
+    with pytest.raises(ConfigError, match="own weights per layer, not 'tied'"):
         pnnh.create_model("pnnh20", path_param="dirac", coder="tied")
 
 
