@@ -13,6 +13,7 @@ from pnnh.errors import ConfigError
 from pnnh.models.coders import CheapCoderConv2d, CodeConvCoder, DepthwiseCoder, FixedCoder, PointwiseCoder
 from pnnh.models.pnnh_cnn import CoderSpec
 from pnnh.train import TrainConfig, train
+from pnnh_codes import layer_codes
 
 PLAIN_CODERS = ("pointwise", "depthwise", "code_conv")
 CODER_MODULES = {"pointwise": PointwiseCoder, "depthwise": DepthwiseCoder, "code_conv": CodeConvCoder,
@@ -27,17 +28,6 @@ def train_flops(m: nn.Module, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         m(x).sum().backward()
     return counter.get_total_flops()
-
-
-def _codes(model, x):
-    """The code e = relu(e) - relu(-e) each PNNH layer outputs, in forward order."""
-    out = []
-    hooks = [l.register_forward_hook(lambda mod, i, o: out.append(
-        o[:, mod.n_learn:mod.n_learn + mod.n_code] - o[:, mod.n_learn + mod.n_code:])) for l in model.pnnh_layers()]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return out
 
 
 @pytest.mark.parametrize("coder", PLAIN_CODERS)
@@ -64,7 +54,7 @@ def test_the_code_passes_unchanged_through_a_stage_at_init(coder):
     # the path in the init alone (path_param="init"), no learner->coder mixing; batch statistics
     m = pnnh.create_model("pnnh20", coder=coder, coder_mix=0.0, path_param="init").train()
     assert isinstance(m.pnnh_layers()[1].coder, CODER_MODULES[coder])
-    codes = _codes(m, torch.randn(16, 1, 28, 28))
+    codes = layer_codes(m, torch.randn(16, 1, 28, 28))
     stem, stage1_last, transition = codes[0], codes[6], codes[7]
     assert torch.allclose(stem, stage1_last, atol=1e-3)  # 6 layers later, the same tensor
     sub = stage1_last[:, :, ::2, ::2]  # the stride-2 layer carries the subsampled code (BN re-standardises it)
@@ -79,7 +69,7 @@ def test_the_default_keeps_the_path_in_the_parametrisation(coder):
     layer = m.pnnh_layers()[2]
     assert layer.dirac is not None and layer.coder.dirac is not None  # learner conv and coder weight
     assert torch.count_nonzero(layer.coder.dirac.path) == 2 * layer.n_code  # +1/-1 per carried channel
-    codes = _codes(m.train(), torch.randn(16, 1, 28, 28))
+    codes = layer_codes(m.train(), torch.randn(16, 1, 28, 28))
     assert F.cosine_similarity(codes[0].flatten(), codes[6].flatten(), 0) > 0.9  # W = P + 0.1 V/|V|
 
 

@@ -13,6 +13,7 @@ from pnnh.analysis.structure import is_plain
 from pnnh.errors import ConfigError
 from pnnh.models.layers import dirac_weight
 from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
+from pnnh_codes import layer_codes
 
 
 def n_params(m: nn.Module) -> int:
@@ -50,22 +51,11 @@ def test_imagenet_layout_and_uniform_interface(check_cnn_interface):
     assert n_weighted(pnnh.create_model("pnnh50", width=0.25)) == 50
 
 
-def _codes(model, x):
-    """The code e = relu(e) - relu(-e) that each PNNH layer outputs, in forward order."""
-    out = []
-    hooks = [l.register_forward_hook(lambda mod, i, o: out.append(
-        o[:, mod.n_learn:mod.n_learn + mod.n_code] - o[:, mod.n_learn + mod.n_code:])) for l in model.pnnh_layers()]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return out
-
-
 def test_identity_coder_carries_the_code_unchanged_through_the_relus():
     # the path in the init alone (with path_param="dirac" the coder starts at P + 0.1 V/|V|, not exactly P);
     # batch statistics: BN of a unit code is ~identity
     m = pnnh.create_model("pnnh20", coder_mix=0.0, path_param="init").train()
-    codes = _codes(m, torch.randn(16, 1, 28, 28))
+    codes = layer_codes(m, torch.randn(16, 1, 28, 28))
     stem, stage1_last, transition = codes[0], codes[6], codes[7]
     assert torch.allclose(stem, stage1_last, atol=1e-3)  # 6 layers later, the same tensor
     # the stride-2 layer copies the subsampled code into its first channels (BN re-standardises the
@@ -79,12 +69,12 @@ def test_identity_coder_carries_the_code_unchanged_through_the_relus():
 
 def test_coder_init_options_change_the_path():
     x = torch.randn(16, 1, 28, 28)
-    orth = _codes(pnnh.create_model("pnnh20", coder_mix=0.0, coder_init="orthogonal").train(), x)
+    orth = layer_codes(pnnh.create_model("pnnh20", coder_mix=0.0, coder_init="orthogonal").train(), x)
     # an orthogonal map keeps the code's norm (BN of a unit-variance code is ~identity) but mixes channels
     assert torch.allclose(orth[1].norm(), orth[0].norm(), rtol=0.02) and not torch.allclose(orth[1], orth[0], atol=0.1)
-    he = _codes(pnnh.create_model("pnnh20", coder_init="he").train(), x)
+    he = layer_codes(pnnh.create_model("pnnh20", coder_init="he").train(), x)
     assert F.cosine_similarity(he[0].flatten(), he[6].flatten(), 0).abs() < 0.3  # no internal path at init
-    mix = _codes(pnnh.create_model("pnnh20", coder_mix=0.1).train(), x)
+    mix = layer_codes(pnnh.create_model("pnnh20", coder_mix=0.1).train(), x)
     assert 0.9 < F.cosine_similarity(mix[0].flatten(), mix[6].flatten(), 0) < 0.9999
 
 
