@@ -13,7 +13,7 @@ from pnnh.errors import ConfigError
 from pnnh.models.coders import CheapCoderConv2d, CodeConvCoder, DepthwiseCoder, FixedCoder, PointwiseCoder
 from pnnh.models.pnnh_cnn import CoderSpec
 from pnnh.train import TrainConfig, train
-from pnnh_codes import layer_codes
+from pnnh_codes import layer_codes, randomise_bn, run_folded_layers
 
 PLAIN_CODERS = ("pointwise", "depthwise", "code_conv")
 CODER_MODULES = {"pointwise": PointwiseCoder, "depthwise": DepthwiseCoder, "code_conv": CodeConvCoder,
@@ -96,30 +96,14 @@ def test_layer_shapes_and_the_rows_a_wider_layer_adds():
     assert narrow(torch.randn(2, 64, 5, 5)).shape == (2, 16, 5, 5)
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("coder", [*PLAIN_CODERS, "fixed"])
 def test_cheap_coders_fold_into_one_conv_and_deploy(coder):
     m = pnnh.create_model("pnnh20", coder=coder, coder_ratio=0.5)
-    _randomise_bn(m)
+    randomise_bn(m)
     m.eval()
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        h = x
-        for layer in m.pnnh_layers():
-            w, b = layer.folded_weight_bias()
-            assert w.shape == (layer.out_ch, layer.in_ch, layer.kernel_size, layer.kernel_size)
-            h = F.relu(F.conv2d(h, w, b, layer.stride, layer.padding))
-        torch.testing.assert_close(h, m.forward_features(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(run_folded_layers(m, x), m.forward_features(x), atol=1e-4, rtol=1e-4)
         fused = pnnh.deploy(m, fuse_relu=False, channels_last=False)
         assert isinstance(fused, nn.Sequential)
         kinds = {type(mod) for mod in fused.modules()} - {nn.Sequential}

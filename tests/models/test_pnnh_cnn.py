@@ -13,7 +13,7 @@ from pnnh.analysis.structure import is_plain
 from pnnh.errors import ConfigError
 from pnnh.models.layers import dirac_weight
 from pnnh.models.pnnh_cnn import CoderSpec, PNNHLayer, TiedCoderLayer
-from pnnh_codes import layer_codes
+from pnnh_codes import layer_codes, randomise_bn, run_folded_layers
 
 
 def n_params(m: nn.Module) -> int:
@@ -90,35 +90,19 @@ def test_dirac_learner_init_copies_the_previous_learner_channels():
         pnnh.create_model("pnnh20", learner_init="zeros")
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("kw", [{}, {"coder": "shared"}, {"coder_ratio": 1.0}, {"coder_ratio": 0.0}])
 def test_as_plain_conv_folds_the_net_into_a_conv_relu_chain(kw):
     m = pnnh.create_model("pnnh20", **kw)
-    _randomise_bn(m)
+    randomise_bn(m)
     m.eval()
     x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        h = x
-        for layer in m.pnnh_layers():
-            w, b = layer.folded_weight_bias()
-            assert w.shape[0] == layer.out_ch  # one conv, the layer's full width, no concat
-            h = F.relu(F.conv2d(h, w, b, layer.stride, layer.padding))
-        assert torch.allclose(h, m.forward_features(x), atol=1e-4)
+    with torch.no_grad():  # one conv per layer, the layer's full width, no concat
+        assert torch.allclose(run_folded_layers(m, x), m.forward_features(x), atol=1e-4)
 
 
 def test_deploy_turns_pnnh_into_a_pure_conv_relu_chain():
     m = pnnh.create_model("pnnh20")
-    _randomise_bn(m)
+    randomise_bn(m)
     m.eval()
     x = torch.randn(3, 1, 28, 28)
     fused = pnnh.deploy(m, fuse_relu=False, channels_last=False)
