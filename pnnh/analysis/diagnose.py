@@ -4,8 +4,10 @@ One forward pass with hooks measures, at every probe (:mod:`pnnh.analysis.probes
 the input survives (:mod:`~pnnh.analysis.similarity`), the pre-activation statistics of every
 activation (:mod:`~pnnh.analysis.theory`) and the signal-propagation statistics of every block
 (Brock et al. 2021). Then the input-gradient correlation along lines of inputs
-(:mod:`~pnnh.analysis.gradients`), the He-normal theory simulated on the same images, and (for
-trained models) the lesion study (:mod:`~pnnh.analysis.lesion`).
+(:mod:`~pnnh.analysis.gradients`), the He-normal theory simulated on the same images, (for
+trained models) the lesion study (:mod:`~pnnh.analysis.lesion`), and (for residual models) the
+path-length distribution with each branch weighted by its BN scale and by its measured size against
+its shortcut, the dynamic ensemble of Littwin & Wolf (:mod:`~pnnh.analysis.ensemble`).
 
 The model is deep-copied: its weights and BatchNorm statistics are never modified.
 """
@@ -28,6 +30,7 @@ from ..data.datasets import ArrayDataset
 from ..errors import ConfigError
 from .dists import to_gray_image
 from .gradients import gradient_correlation
+from .ensemble import effective_path_lengths
 from .lesion import lesion_study, path_length_distribution, shortcut_path
 from .probes import ProbeTap, adopt_blocks, calibrate_batch_norm, get_blocks, resolve_norm_stats, resolve_probe_mode
 from .similarity import (cka_with_floor, dissipation_depth, features_for_gram, gram, noise_band, ridge_r2_with_floor,
@@ -242,6 +245,10 @@ def run_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         result["lesion"] = {"skipped": "no labels" if labels is None else "the model has no blocks" if not blocks else
                             "untrained model (accuracy is chance level at init); pass lesion=True / --lesion to force"}
     result["path_lengths"] = path_length_distribution(n_res)
+    if n_res:  # the paths weighted by each branch's BN scale and measured size (Littwin & Wolf)
+        t = time.perf_counter()
+        result["effective_path_lengths"] = effective_path_lengths(work, images[:stats_images], norm_stats=stats_mode)
+        timing["effective_path_lengths"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
     result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     return result

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pnnh
+from pnnh.analysis import DiagnoseConfig, run_diagnostics
 from pnnh.analysis.ensemble import branch_scales, dynamic_ensemble, effective_path_lengths, weighted_path_lengths
 from pnnh.analysis.lesion import path_length_distribution
 from pnnh.errors import ConfigError
@@ -87,3 +88,17 @@ def test_dynamic_ensemble_and_errors():
         effective_path_lengths(pnnh.create_model("plain8"), x)
     with pytest.raises(ConfigError, match="norm_stats"):
         effective_path_lengths(model, x, norm_stats="eval")
+
+
+def test_diagnose_reports_the_weighted_path_lengths_of_residual_models_only():
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28)
+    cfg = DiagnoseConfig(gradients=False, lesion=False)
+    model = pnnh.create_model("resnet20", width=0.25)
+    with torch.no_grad():  # one block's BN scale tripled: its branch weighs 3 against its shortcut
+        model.blocks()[4].bn2.weight.mul_(3.0)
+    res = run_diagnostics(model, x, config=cfg)["effective_path_lengths"]
+    assert res["uniform"] == weighted_path_lengths([1.0] * 9)
+    assert res["gamma"]["mean"] == pytest.approx(weighted_path_lengths([1.0] * 4 + [3.0] + [1.0] * 4)["mean"])
+    assert len(res["blocks"]) == 9 and res["norm_stats"] == "batch"
+    assert "effective_path_lengths" not in run_diagnostics(pnnh.create_model("plain20", width=0.25), x, config=cfg)
