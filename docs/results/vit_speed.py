@@ -6,7 +6,7 @@ Each round times `steps` AdamW training steps (forward, backward, step) of every
 (A B C A B C ...) on one fixed batch of 128 28x28 images (patch 7). A model is NAME or
 NAME:key=value:key=value (model options). Prints per model the parameters, the median images/s
 over rounds by wall clock and by this process's CPU time, and each ratio to the first model
-(the median of per-round ratios). On a machine shared with other jobs the wall clock counts the
+(the median of per-round ratios). glibc's malloc is tuned as in `pnnh train`. On a machine shared with other jobs the wall clock counts the
 time other processes hold the cores; the CPU-time rate does not, so it is the steadier ratio.
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import pnnh
+from pnnh.train.malloc import tune_glibc_malloc
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -36,6 +37,7 @@ p.add_argument("--batch-size", type=int, default=128)
 p.add_argument("--rounds", type=int, default=5)
 p.add_argument("--steps", type=int, default=3)
 args = p.parse_args()
+tune_glibc_malloc()  # as `pnnh train` does on CPU: freed activations stay in the heap
 torch.manual_seed(0)
 specs = args.models.split(",")
 models = {}

@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ._registry import register_builder
 from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_param_
 
-__all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
+__all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "split_joint_in_proj", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
            "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit"]
 
@@ -304,19 +304,23 @@ class _BlockFeatures(torch.autograd.Function):
     Read by ``[P | W2 | D+ + D- | -D-]`` (:meth:`MirrorCoder.consumer_weight_rebased`) it gives
     exactly ``[P | W2 | D+ | D-] [a ; gelu(u) ; relu(e) ; relu(-e)]``. The eager form (GELU, two
     ReLUs, a negation, two concatenations and their backwards) makes four extra tensors per block
-    and step; this makes one. The backward hands ``a`` its slice of the gradient, ``u`` GELU's
-    backward and ``e`` ``g_lin + g_relu [e > 0]``.
+    and step; this makes one. ``a`` may be the heads' output as ``(..., heads, head_dim)`` (any
+    strides): it is copied into its slice once, with no flattened copy before. The backward
+    hands ``a`` its slice of the gradient, ``u`` GELU's backward and ``e`` ``g_lin + g_relu [e > 0]``.
+    GELU's backward reads a contiguous copy of its gradient slice: on CPU the elementwise kernel
+    over a strided slice costs more than the copy.
     """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        d, h, c = a.shape[-1], u.shape[-1], e.shape[-1]
-        y = a.new_empty(a.shape[:-1] + (d + h + 2 * c,))
-        y[..., :d] = a
-        torch.ops.aten.gelu.out(u, out=y[..., d:d + h])
+        d, h, c = a.shape[-2] * a.shape[-1], u.shape[-1], e.shape[-1]
+        y = u.new_empty(u.shape[:-1] + (d + h + 2 * c,))
+        y[..., :d].unflatten(-1, a.shape[-2:]).copy_(a)
+        y[..., d:d + h] = F.gelu(u)
         torch.clamp_min(e, 0, out=y[..., d + h:d + h + c])
         y[..., d + h + c:] = e
         ctx.save_for_backward(u, e)
+        ctx.heads = a.shape[-2:]
         return y
 
     @staticmethod
@@ -325,14 +329,35 @@ class _BlockFeatures(torch.autograd.Function):
         u, e = ctx.saved_tensors
         h, c = u.shape[-1], e.shape[-1]
         d = g.shape[-1] - h - 2 * c
-        g_u = torch.ops.aten.gelu_backward(g[..., d:d + h], u)
-        g_e = torch.addcmul(g[..., d + h + c:], g[..., d + h:d + h + c], e > 0)
-        return g[..., :d], g_u, g_e
+        g_u = torch.ops.aten.gelu_backward(g[..., d:d + h].contiguous(), u)
+        g_e = torch.ops.aten.threshold_backward(g[..., d + h:d + h + c], e, 0).add_(g[..., d + h + c:])  # relu'
+        return g[..., :d].unflatten(-1, ctx.heads), g_u, g_e
 
 
 def block_features(a: torch.Tensor, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``cat([a, gelu(u), relu(e), e], -1)`` in one buffer (one autograd node); see :class:`_BlockFeatures`."""
+    """``cat([a.flatten(-2), gelu(u), relu(e), e], -1)`` in one buffer (one autograd node); see :class:`_BlockFeatures`.
+
+    ``a`` is ``(..., heads, head_dim)``; ``u`` and ``e`` are ``(..., hidden)`` and ``(..., coder_dim)``.
+    """
     return _BlockFeatures.apply(a, u, e)
+
+
+def split_joint_in_proj(state_dict: dict) -> dict:
+    """``state_dict`` with every ``<block>.in_proj`` (``[W_qkv; W_1]`` in one matrix) split by rows.
+
+    :class:`PNNHParallelBlock` holds ``q, k, v`` and the MLP's first layer as two linears, ``qkv``
+    (``3 dim`` rows) and ``fc1``; a state dict that stores them as one ``in_proj`` weight and bias
+    loads into it through this. Other keys are returned unchanged.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        prefix, sep, leaf = key.rpartition("in_proj.")
+        if not sep or leaf not in ("weight", "bias") or (prefix and not prefix.endswith(".")):
+            out[key] = value
+            continue
+        dim = state_dict[prefix + "in_proj.weight"].shape[1]
+        out[prefix + "qkv." + leaf], out[prefix + "fc1." + leaf] = value[:3 * dim], value[3 * dim:]
+    return out
 
 
 class PNNHParallelBlock(nn.Module):
@@ -340,9 +365,9 @@ class PNNHParallelBlock(nn.Module):
 
     ``z = [P | W2 | D] [drop_path(A(LN x) ; gelu(W1 LN x + b1)) ; relu(E x) ; relu(-E x)] + b``
 
-    ``A`` is the heads' output before projection; ``q, k, v`` and ``W1 LN x`` come from one matmul
-    (``in_proj``), and ``P``, ``W2`` and the coder's decoder ``D`` are one output projection
-    (``proj`` plus :class:`MirrorCoder` columns). The block's hidden layer has
+    ``A`` is the heads' output before projection; ``q, k, v`` (``qkv``) and ``W1 LN x`` (``fc1``)
+    read the same normalised token, and ``P``, ``W2`` and the coder's decoder ``D`` are one output
+    projection (``proj`` plus :class:`MirrorCoder` columns). The block's hidden layer has
     ``round(mlp_ratio * dim)`` units, ``2 * coder_dim`` of which are the mirrored code and the
     rest GELU learner units, so at ``coder_dim = dim`` and ``mlp_ratio = 4`` a block holds
     ``11 dim^2`` weights against the residual block's ``12 dim^2``. The coder reads the raw token
@@ -366,10 +391,8 @@ class PNNHParallelBlock(nn.Module):
         self.dim, self.hidden, self.num_heads, self.head_dim = dim, hidden, num_heads, dim // num_heads
         self.attn_drop = attn_drop
         self.norm = nn.LayerNorm(dim)
-        if not qkv_bias:
-            raise ConfigError("coder='block' computes q, k, v and the MLP's first layer in one biased linear; "
-                              "qkv_bias=False is not supported there")
-        self.in_proj = nn.Linear(dim, 3 * dim + hidden)  # [q; k; v; W1]
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.fc1 = nn.Linear(dim, hidden)  # W1
         self.act = nn.GELU()
         self.proj = nn.Linear(dim + hidden, dim)  # [P | W2]
         self.coder = MirrorCoder(dim, coder_dim, coder_gain)
@@ -380,16 +403,22 @@ class PNNHParallelBlock(nn.Module):
     def init_coders_(self) -> None:
         self.coder.init_looks_linear_()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.update(split_joint_in_proj({k: state_dict.pop(k) for k in list(state_dict)
+                                               if k.startswith(prefix + "in_proj.")}))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # shapes come from constants, not from x.shape: the learner must not read x past the norm
-        qkv, u = self.in_proj(self.norm(x)).split([3 * self.dim, self.hidden], dim=-1)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        t = self.norm(x)
+        q, k, v = self.qkv(t).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        u = self.fc1(t)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        a = a.transpose(1, 2).flatten(2)
+        a = a.transpose(1, 2)  # (batch, tokens, heads, head_dim)
         if self.fused and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             features = block_features(a, u, self.coder.encode(x))  # the same function as below, one buffer
             return F.linear(features, self.coder.consumer_weight_rebased(self.proj), self.proj.bias)
-        learner = self.drop_path(self.drop(torch.cat([a, self.act(u)], dim=-1)))
+        learner = self.drop_path(self.drop(torch.cat([a.flatten(2), self.act(u)], dim=-1)))
         return self.coder.project(learner, x, self.proj)
 
 

@@ -11,6 +11,7 @@ import pnnh
 from pnnh.errors import ConfigError
 from pnnh.analysis.structure import find_residual_connections
 from pnnh.models.vit import (Block, DiracBlock, DiracLinear, MirrorCoder, PlainBlock, PNNHBlock, PNNHParallelBlock,
+                             split_joint_in_proj,
                              ShapedAttention, SkiplessBlock, VisionTransformer)
 
 
@@ -253,7 +254,7 @@ def test_tiny_pnnh_training_run_learns(tmp_path, fmnist_dir):
 def _perturbed_parallel_block(dim=32, heads=2, **kw) -> PNNHParallelBlock:
     torch.manual_seed(0)
     b = PNNHParallelBlock(dim, heads, coder_gain=0.1, **kw)
-    for lin in (b.in_proj, b.proj):  # learner weights large enough to matter
+    for lin in (b.qkv, b.fc1, b.proj):  # learner weights large enough to matter
         nn.init.trunc_normal_(lin.weight, std=0.2)
         nn.init.normal_(lin.bias, std=0.1)
     return b
@@ -263,7 +264,7 @@ def test_parallel_pnnh_block_carries_its_input_at_init():
     """Looks-linear coder: the block is x + P A(LN x) + W2 gelu(W1 LN x) + b, the parallel residual block."""
     b = _perturbed_parallel_block()
     x = torch.randn(3, 17, 32)
-    qkv, u = b.in_proj(b.norm(x)).split([96, b.hidden], dim=-1)
+    qkv, u = b.qkv(b.norm(x)), b.fc1(b.norm(x))
     q, k, v = qkv.unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4).unbind(0)
     a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
     expect = x + b.proj(torch.cat([a, nn.functional.gelu(u)], dim=-1))
@@ -378,3 +379,31 @@ def test_skipless_block_at_init_is_norm_plus_scaled_mlp():
     x = torch.randn(3, 17, 32)
     h = b.norm(x)
     torch.testing.assert_close(b(x), h + 0.1 * b.mlp(h), rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_pnnh_block_loads_a_joint_in_proj_state_dict_and_takes_qkv_bias_false():
+    """[W_qkv; W_1] stored as one `in_proj` matrix loads by rows; q, k, v without bias is an option."""
+    b = _perturbed_parallel_block()
+    sd = b.state_dict()
+    joint = {k: v for k, v in sd.items() if not k.startswith(("qkv.", "fc1."))}
+    joint["in_proj.weight"] = torch.cat([sd["qkv.weight"], sd["fc1.weight"]])
+    joint["in_proj.bias"] = torch.cat([sd["qkv.bias"], sd["fc1.bias"]])
+    fresh = PNNHParallelBlock(32, 2, coder_gain=0.1)
+    fresh.load_state_dict(joint)
+    x = torch.randn(2, 17, 32)
+    torch.testing.assert_close(fresh(x), b(x))
+    # the checkpoint loader's form: a whole model's state dict, split back into the model's keys
+    model = pnnh.create_model("pnnh_vit_mini_d6", coder="block", embed_dim=32, num_heads=2)
+    own = model.state_dict()
+    stored = {}
+    for k, v in own.items():
+        if k.endswith(("qkv.weight", "qkv.bias")):
+            stored[k.replace("qkv.", "in_proj.")] = torch.cat([v, own[k.replace("qkv.", "fc1.")]])
+        elif ".fc1." not in k or "layers" not in k:
+            stored[k] = v
+    assert "layers.0.in_proj.weight" in stored and "layers.0.fc1.weight" not in stored
+    upgraded = split_joint_in_proj(stored)
+    assert set(upgraded) == set(own) and all(torch.equal(upgraded[k], own[k]) for k in own)
+    nobias = PNNHParallelBlock(32, 2, qkv_bias=False)
+    assert nobias.qkv.bias is None and nobias.fc1.bias is not None
+    assert nobias(x).shape == x.shape
