@@ -33,7 +33,7 @@ def _env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PNNH_"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1", **extra)  # a crashing worker prints its Python stacks
     return env
 
 
