@@ -55,8 +55,10 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     Variants, budgets and defaults: configs/ablate.yaml.
     """
     if list_:
-        for v in VARIANTS.values():
-            click.echo(f"{v.label:<17}{v.template:<12}{json.dumps(v.kwargs):<40}{v.doc}")
+        rows = [(v.label, v.template, json.dumps(v.kwargs), v.doc) for v in VARIANTS.values()]
+        widths = [max(len(r[i]) for r in rows) + 2 for i in range(3)]
+        for r in rows:
+            click.echo("".join(c.ljust(w) for c, w in zip(r, widths)) + r[3])
         return
     launch_opts = launch_options_from(launch, threads)
     try:

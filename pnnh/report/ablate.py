@@ -186,9 +186,11 @@ def _intro(records: list[dict[str, Any]], budget_defs: dict[str, dict], referenc
                    f"{' or '.join(map(str, threads))} threads (see each run's summary.json)")
     aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
            "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
-    out = ["Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128), "
-           f"full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; short budget = "
-           f"{budget_defs['short']}, long budget = {budget_defs['long']}. Test accuracy in %, mean ± sample std "
+    used = dict.fromkeys(r["budget"] for r in records)
+    budgets = ", ".join(f"{b} budget = {budget_defs[b]}" for b in used)
+    out = ["Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128) with the "
+           f"fields a budget sets; full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; "
+           f"{budgets}. Test accuracy in %, mean ± sample std "
            "over the finished seeds. img/s is training images per second from the engine (training time "
            f"only), {thread_text} per run, on a 2-core machine running other jobs: compare speeds only side "
            "by side (docs/benchmarks.md)."]
@@ -321,6 +323,7 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
     if speed:
         parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_SPEED_TEXT)}</p>"
                      + html_table(_speed_table(speed)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), html_page("pnnh ablation", parts))
     return Path(path)
 

@@ -126,3 +126,21 @@ def test_equal_parameter_variants_match_what_they_say(label, other, tolerance, a
     a, b = params(VARIANTS[label]), params(VARIANTS[other])
     assert abs(a - b) <= tolerance * b, (a, b)
     assert a <= b or not at_most, (a, b)
+
+
+def test_dry_run_into_a_new_directory_reports_every_run_missing(tmp_path, capsys):
+    """A dry run before anything trained: no error, the report lists the runs as not run."""
+    out, report = tmp_path / "new" / "abl", tmp_path / "r.md"
+    main(["ablate", "--variants", "vit,pnnh-vit-block", "--depths", "12", "--seeds", "0,1", "--budgets", "vit-e20",
+          "--out", str(out), "--report", str(report), "--reference", "vit", "--dry-run"])
+    text = report.read_text()
+    assert "not run: seeds [0, 1]" in text and (out / "report.html").exists()
+    assert "vit-e20 budget = {'epochs': 20, 'optimizer': 'adamw'" in text  # the budget's own recipe is stated
+
+
+def test_vit_variants_name_registered_models():
+    import pnnh
+
+    for label in ("vit", "plain-vit", "pnnh-vit", "pnnh-vit-block", "dirac-vit", "skipless-vit", "skipless-vit-vsi"):
+        v = VARIANTS[label]
+        pnnh.create_model(v.model(12), **v.kwargs)
