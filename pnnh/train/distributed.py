@@ -12,6 +12,7 @@ its own checkpoint without a ``--resume`` flag (see :func:`elastic_restart`).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from datetime import timedelta
 
@@ -19,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_from_env", "is_distributed", "rank", "world_size", "local_world_size", "default_threads",
-           "elastic_run_id", "elastic_restart", "barrier", "all_reduce_sum", "broadcast_buffers", "wrap_model",
-           "shutdown"]
+__all__ = ["init_from_env", "is_distributed", "joined", "exit_worker", "rank", "world_size", "local_world_size",
+           "default_threads", "elastic_run_id", "elastic_restart", "barrier", "all_reduce_sum", "broadcast_buffers",
+           "wrap_model", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -98,12 +99,38 @@ def init_from_env(device: str = "cpu") -> bool:
             warnings.warn("torchrun restarts on several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
                           "environment (PyTorch issue #135712); without it restarted workers may fail to connect")
         dist.init_process_group(backend, timeout=timeout)
+    _joined.append(True)
     return True
+
+
+_joined: list[bool] = []  # non-empty once this process has joined a process group
 
 
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """True if this process joined a process group (through :func:`init_from_env`) at any point."""
+    return bool(_joined)
+
+
+def exit_worker(code: int) -> None:
+    """End a worker that joined a process group: flush the standard streams, then ``os._exit(code)``.
+
+    DistributedDataParallel keeps its process group, and with it gloo's threads, alive after
+    ``destroy_process_group``; their teardown at interpreter exit aborts the worker at random
+    (SIGABRT, "terminate called without an active exception": 1 of 11 back-to-back two-process
+    runs of ``tests/train/test_distributed.py`` under load). Everything a run keeps is written and
+    fsynced before this point, so the worker skips that teardown.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:
