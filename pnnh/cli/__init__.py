@@ -26,10 +26,11 @@ import sys
 import click
 
 from ..errors import PnnhError
+from ..train import distributed
 from ..version import __version__
 from . import ablate, bench, diagnose, models, study, train
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "run"]
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
@@ -70,5 +71,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
+
+def run() -> None:
+    """The ``pnnh`` command and ``python -m pnnh``: :func:`main`, then the process exit.
+
+    A process that joined a process group (a torchrun worker) leaves through
+    :func:`pnnh.train.distributed.exit_worker`, which skips the interpreter's teardown of it.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    code = code or 0
+    if distributed.joined():
+        distributed.exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()
