@@ -47,9 +47,9 @@ from ..errors import ConfigError
 from ._registry import register_builder
 from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_param_
 
-__all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "split_joint_in_proj", "DropPath", "Block",
+__all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
-           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit"]
+           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit", "split_joint_in_proj"]
 
 
 def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
