@@ -499,7 +499,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
 def format_table(result: dict[str, Any]) -> str:
     """The rows of :func:`run_bench` as an aligned text table (ratio is to the first model)."""
     cfg, peak = result["config"], result["peak"]
-    head = (f"{'mode':<6}{'model':<28}{'params':>9}{'GFLOP/img':>10}{'img/s':>9}{'ratio':>7}"
+    w = max([28] + [len(r["model"]) + 2 for r in result["rows"]])  # the model column fits every name
+    head = (f"{'mode':<6}{'model':<{w}}{'params':>9}{'GFLOP/img':>10}{'img/s':>9}{'ratio':>7}"
             f"{'step ms med/min/max':>22}{'GFLOP/s':>9}{'%peak':>7}{'mem MB':>9}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
@@ -507,7 +508,7 @@ def format_table(result: dict[str, Any]) -> str:
         lat = f"{ms['median']:.1f}/{ms['min']:.1f}/{ms['max']:.1f}"
         frac = f"{r['peak_frac'] * 100:.1f}%" if r["peak_frac"] is not None else "-"
         mem = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else "-"
-        lines.append(f"{r['mode']:<6}{r['model']:<28}{r['params'] / 1e6:>8.3f}M{r['flops_per_img'] / 1e9:>10.4f}"
+        lines.append(f"{r['mode']:<6}{r['model']:<{w}}{r['params'] / 1e6:>8.3f}M{r['flops_per_img'] / 1e9:>10.4f}"
                      f"{r['img_per_s']:>9.1f}{r['ratio']:>7.3f}{lat:>22}{r['gflops_per_s']:>9.1f}{frac:>7}{mem:>9}")
     m = result["machine"]
     foot = (f"batch {cfg['batch_size']}, input {cfg['in_chans']}x{cfg['input_size']}x{cfg['input_size']}, "

@@ -18,13 +18,17 @@ not only the families it was written against:
    conv's output: a :class:`ConvReLU2d` runs both as one oneDNN kernel on CPU (the ReLU is the
    convolution's post-op, so the activation tensor is written once instead of written, read and
    written again); elsewhere, or while exporting/tracing, it runs ``relu(conv(x))``.
-6. **Chain**: if what is left is a straight line of modules (every node feeds only the next,
+6. **Fold constants**: every value computed from parameters and buffers alone (a PNNH coder's
+   gain-scaled, concatenated output weight, a DiracNet linear's ``alpha I + beta V / |V|``, a
+   ViT's position embedding plus class token) is computed once and stored as a buffer, so the
+   deployed forward does only the work that depends on the input.
+7. **Chain**: if what is left is a straight line of modules (every node feeds only the next,
    as in a plain net), return it as an ``nn.Sequential`` (``torch.flatten(x, 1)`` becomes
    ``nn.Flatten``); otherwise (residual nets keep their adds) return the ``fx.GraphModule``.
-7. **Memory format** (``channels_last=True``): conv weights in NHWC order, so every activation
+8. **Memory format** (``channels_last=True``): conv weights in NHWC order, so every activation
    after the first conv is NHWC, the layout oneDNN computes in without reordering.
 
-Steps 5 and 7 are what make the deployed form fast on CPU (docs/benchmarks.md measures each);
+Steps 5 and 8 are what make the deployed form fast on CPU (docs/benchmarks.md measures each);
 :func:`pnnh.bench.export.export_onnx` deploys with both off, for a portable graph.
 
 The result is an inference artefact: its outputs equal the eval-mode model's to float rounding
@@ -206,6 +210,86 @@ def _fold_batchnorms(gm: fx.GraphModule) -> int:
     return folded
 
 
+_RANDOM = ("rand", "bernoulli", "dropout", "normal", "multinomial", "poisson", "uniform", "exponential",
+           "geometric", "cauchy")
+
+
+def _foldable(node: fx.Node) -> bool:
+    """A pure, deterministic function or method call (no in-place update, no sampling)."""
+    if node.op not in ("call_function", "call_method") or node.kwargs.get("inplace"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return bool(name) and not in_place and not any(word in name.lower() for word in _RANDOM)
+
+
+@torch.no_grad()
+def _fold_constants(gm: fx.GraphModule) -> int:
+    """Replace every tensor computed from parameters and buffers alone by a buffer; return how many."""
+    const: dict[fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = gm
+            for atom in node.target.split("."):
+                const[node] = getattr(const[node], atom)
+        elif _foldable(node) and all(n in const for n in node.all_input_nodes):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), const.__getitem__)
+            if node.op == "call_function":
+                const[node] = node.target(*args, **kwargs)
+            else:
+                const[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    folded = 0
+    for node, value in const.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(u in const for u in node.users):
+            continue  # a stored tensor already, not a tensor, or read only by other constants
+        name = _unique_name(gm, f"folded_{node.name}")
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.get_attr(name))
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    _drop_unread_tensors(gm)
+    return folded
+
+
+def _drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Delete the parameters and buffers that no ``get_attr`` and no called module reads any more."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = [n.target + "." for n in gm.graph.nodes if n.op == "call_module"]
+    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        if name not in read and not any(name.startswith(prefix) for prefix in called):
+            owner, _, leaf = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            if hasattr(module, leaf):
+                delattr(module, leaf)
+
+
+def _cat_dim(node: fx.Node):
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+
+
+def _flatten_cats(gm: fx.GraphModule) -> int:
+    """``cat([cat([a, b]), c])`` becomes ``cat([a, b, c])`` (same dim, inner read once); return how many."""
+    flattened = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.cat or not isinstance(node.args[0], (list, tuple)):
+            continue
+        parts = []
+        for part in node.args[0]:
+            inner = part.target is torch.cat and part.op == "call_function" if isinstance(part, fx.Node) else False
+            if inner and len(part.users) == 1 and _cat_dim(part) == _cat_dim(node) \
+                    and isinstance(part.args[0], (list, tuple)):
+                parts.extend(part.args[0])
+                flattened += 1
+            else:
+                parts.append(part)
+        node.args = (parts,) + tuple(node.args[1:])
+    gm.graph.eliminate_dead_code()
+    return flattened
+
+
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.ReLU)
@@ -313,6 +397,8 @@ def deploy(model: nn.Module, *, chain: bool = True, fuse_relu: bool = True, chan
     _fold_batchnorms(gm)
     if fuse_relu:
         _fuse_relus(gm)
+    _fold_constants(gm)
+    _flatten_cats(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -43,6 +43,9 @@ def test_rows_cover_every_model_and_mode_with_sane_values(both_modes):
     assert len(both_modes["peak"]["rounds_gflops_per_s"]["float32"]) == 4  # every round of both modes
     table = format_table(both_modes)
     assert "ratio" in table and "plain20" in table and "matmul peak" in table
+    long = {**both_modes, "rows": [{**r, "model": "pnnh_vit_mini_d12:coder=block:fused"} for r in both_modes["rows"]]}
+    head, _, *rows = format_table(long).splitlines()[:2 + len(long["rows"])]
+    assert all(len(row) == len(head) for row in rows)  # every column lines up under its header
 
 
 def test_flops_are_counted_exactly_for_a_conv():

@@ -210,3 +210,53 @@ def test_untraceable_model_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="torch.fx could not trace"):
         deploy(Branchy())
+
+
+def _parameter_only_calls(gm: torch.fx.GraphModule) -> list[str]:
+    """Calls of the deployed graph whose every input is a stored tensor (work that could be done once)."""
+    return [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and n.all_input_nodes and all(a.op == "get_attr" for a in n.all_input_nodes)]
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit_mini_d6", {}), ("pnnh_vit_mini_d6", {}),
+                                         ("pnnh_vit_mini_d6", {"coder": "block"}), ("dirac_vit_mini_d6", {})])
+def test_deployed_vits_compute_their_parameter_only_terms_once(name, kwargs):
+    model = pnnh.create_model(name, **kwargs)
+    with torch.no_grad():  # away from the identity-like init, as after training
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    deployed = deploy(model)
+    assert _parameter_only_calls(deployed) == []
+    stored = sum(t.numel() for t in deployed.state_dict().values())
+    assert stored <= sum(p.numel() for p in model.parameters())  # folded terms replace what they were made of
+    _assert_same_outputs(model, deployed, torch.randn(3, 1, 28, 28))
+
+
+def test_deployed_dirac_vit_is_a_plain_vit_and_the_block_coder_reads_one_concatenation():
+    dirac, vit = deploy(pnnh.create_model("dirac_vit_mini_d6")), deploy(pnnh.create_model("vit_mini_d6"))
+    shapes = [sorted(tuple(t.shape) for t in m.state_dict().values()) for m in (dirac, vit)]
+    assert shapes[0] == shapes[1]  # each DiracNet linear is one stored weight
+    block = deploy(pnnh.create_model("pnnh_vit_mini_d6", coder="block"))
+    cats = [n for n in block.graph.nodes if n.op == "call_function" and n.target is torch.cat]
+    assert len(cats) == 6 and all(len(n.args[0]) == 4 for n in cats)  # [heads ; gelu ; relu(e) ; relu(-e)]
+
+
+def test_constant_folding_keeps_random_and_input_dependent_work():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ (self.w * 2).t() + torch.rand_like(x) + self.w.sum(0).relu() * x.mean()
+
+    model = Noisy()
+    deployed = deploy(model)
+    x = torch.randn(2, 4)
+    assert not torch.equal(deployed(x), deployed(x))  # the sample is drawn at every call
+    assert "w" not in dict(deployed.named_parameters()) and _parameter_only_calls(deployed) == []
+    torch.manual_seed(3)
+    ref = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(deployed(x), ref)
