@@ -10,7 +10,7 @@ import click
 
 from ..errors import ConfigError
 from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, format_report, run_ablation, side_by_side_throughput,
-                             split_variants, write_html_report)
+                             choose_lr, split_variants, write_html_report)
 from .options import launch_options_from, launcher_options
 
 __all__ = ["ablate_cmd"]
@@ -39,6 +39,12 @@ __all__ = ["ablate_cmd"]
 @click.option("--speed-variants", default=DEFAULTS.get("speed_variants"), show_default=True,
               help="Variants timed by --speed (the first is the reference of the ratio).")
 @click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
+@click.option("--select-lr", help="Comma-separated peak learning rates: choose each variant's lr at every depth "
+              "on --select-budget first (the best mean test accuracy, no seed diverged) and train the budgets at it.")
+@click.option("--select-budget", default=DEFAULTS.get("select_budget", "screen"), show_default=True,
+              help="The budget the lr selection trains.")
+@click.option("--select-seeds", default=DEFAULTS.get("select_seeds", "0,1"), show_default=True,
+              help="Seeds of the lr selection.")
 @click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
 @click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
 @click.option("--reference", default="resnet", show_default=True,
@@ -47,8 +53,8 @@ __all__ = ["ablate_cmd"]
 @launcher_options
 @click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
 def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
-               threads, out, report_path, speed, speed_variants, speed_depths, dry_run, notes, reference, list_,
-               **launch) -> None:
+               threads, out, report_path, speed, speed_variants, speed_depths, select_lr, select_budget, select_seeds,
+               dry_run, notes, reference, list_, **launch) -> None:
     """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
 
     Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
@@ -68,7 +74,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     except ValueError as e:
         raise ConfigError(f"depths and seeds are comma-separated integers: {e}") from None
     bs = [t.strip() for t in budgets.split(",") if t.strip()]
-    for b in bs:
+    for b in bs + ([select_budget] if select_lr else []):
         if b not in BUDGETS:
             raise ConfigError(f"unknown budget {b!r}; use {' and/or '.join(BUDGETS)}")
     budget_defs = {k: dict(v) for k, v in BUDGETS.items()}
@@ -78,8 +84,23 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         budget_defs["long"] = {"epochs": long_epochs}
     base = {"data": data, "data_dir": data_dir, "train_subset": train_subset, "test_subset": test_subset,
             "threads": threads}
+    lrs = selection = None
+    if select_lr:
+        grid, sel_seeds = _positive_floats(select_lr, "--select-lr"), _integers(select_seeds, "--select-seeds")
+        click.echo(f"lr selection: {select_budget} budget, lr {', '.join(f'{lr:g}' for lr in grid)}, "
+                   f"seeds {', '.join(map(str, sel_seeds))}")
+        sel_records = run_ablation(vs, ds, sel_seeds, [select_budget], Path(out), base, dry_run=dry_run,
+                                   log=click.echo, budget_defs=budget_defs, launch=launch_opts,
+                                   lrs={(v.label, d): grid for v in vs for d in ds})
+        chosen, rows = choose_lr(sel_records)
+        selection = (rows, sel_seeds)
+        for row in rows:
+            if row["chosen"] is None:
+                click.echo(f"lr not chosen yet for {row['variant']} at depth {row['depth']} (its selection runs are "
+                           "not all finished): its runs wait")
+        lrs = {cell: [lr] for cell, lr in chosen.items()}
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
-                           launch=launch_opts)
+                           launch=launch_opts, lrs=lrs)
     speed_rows = None
     if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
         svs = split_variants(speed_variants)
@@ -90,10 +111,11 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
     command = _command_line(speed)
     text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                         budget_defs=budget_defs, reference=reference or None)
+                         budget_defs=budget_defs, reference=reference or None, selection=selection)
     html_path = write_html_report(Path(out) / "report.html", records, command,
                                   notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                                  budget_defs=budget_defs, reference=reference or None, data=data)
+                                  budget_defs=budget_defs, reference=reference or None, data=data,
+                                  selection=selection)
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(text)
@@ -101,6 +123,23 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     else:
         click.echo(text)
         click.echo(f"report -> {html_path}")
+
+
+def _integers(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} takes comma-separated integers, got {text!r}") from None
+
+
+def _positive_floats(text: str, what: str) -> list[float]:
+    try:
+        values = sorted({float(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"{what} takes comma-separated numbers, got {text!r}") from None
+    if not values or values[0] <= 0:
+        raise ConfigError(f"{what} takes positive numbers, got {text!r}")
+    return values
 
 
 def _command_line(speed: bool) -> str:
@@ -112,7 +151,8 @@ def _command_line(speed: bool) -> str:
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
         if p.name in skip or p.name.startswith("slurm_") or v is None or v is False or (
-                p.name.startswith("speed_") and not speed):
+                p.name.startswith("speed_") and not speed) or (
+                p.name.startswith("select_") and not ctx.params.get("select_lr")):
             continue
         if p.name == "speed":
             parts.append("--speed" if v else "--no-speed")

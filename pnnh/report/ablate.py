@@ -12,6 +12,10 @@ The config compared holds the model options a variant *names*, not the registry'
 changing a model default, rename (or delete) the runs of variants that relied on it, or they are
 reused as if they were the new default (``docs/results/pnnh_ablation.md`` records such a relabel).
 
+With an lr selection (:func:`choose_lr`, ``pnnh ablate --select-lr``) every variant first trains at
+each learning rate of a grid on a short budget; the one rule picks each (variant, depth)'s lr, and
+the budgets then train at it (``OUT/<budget>@lr<lr>/...`` when it is not the budget's own lr).
+
 The report gives, per budget and depth, each variant's test accuracy mean ± sample std over the
 finished seeds, its difference to a reference variant ± the Welch standard error, parameters,
 training images/s and wall time, and lists runs that did not run: Markdown (``--report``) and
@@ -46,7 +50,7 @@ from .render import html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
            "format_report", "write_html_report", "side_by_side_throughput", "DEFAULTS", "parse_variant",
-           "split_variants"]
+           "split_variants", "choose_lr", "budget_lr"]
 
 MARKER = "ablate_config.json"
 
@@ -108,10 +112,21 @@ def split_variants(text: str) -> list[Variant]:
 # the grid
 # -------------------------------------------------------------------------------------------------
 
+def budget_lr(spec: dict) -> float:
+    """The peak learning rate a budget trains with: its own ``lr``, else the engine's default."""
+    return float(spec.get("lr", TrainConfig.lr))
+
+
 def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], budgets: list[str], out: Path,
-                  base: dict | None = None, budget_defs: dict[str, dict] | None = None) -> tuple[Grid, list[dict]]:
+                  base: dict | None = None, budget_defs: dict[str, dict] | None = None,
+                  lrs: dict[tuple[str, int], list[float]] | None = None) -> tuple[Grid, list[dict]]:
     """The runs in order budget, seed, depth, variant (the first seed of every cell finishes before any
-    second seed starts, so a partial ablation is still a full screen), and one record per run."""
+    second seed starts, so a partial ablation is still a full screen), and one record per run.
+
+    ``lrs`` maps ``(variant label, depth)`` to the peak learning rates to train that cell at (the lr
+    selection's grid, or the one it chose); cells it leaves out are not run. A run at the budget's own
+    lr lives in ``OUT/<budget>/...``, one at another lr in ``OUT/<budget>@lr<lr>/...``.
+    """
 
     base = dict(base or {})
     budget_defs = budget_defs or BUDGETS
@@ -120,31 +135,94 @@ def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], 
         for s in seeds:
             for d in depths:
                 for v in variants:
-                    run_dir = Path(out) / b / f"d{d}" / v.label / f"s{s}"
-                    cfg = TrainConfig(model=v.model(d), model_kwargs=dict(v.kwargs), seed=s, out=str(run_dir),
-                                      resume=True, progress=False, **budget_defs[b], **base)
-                    runs.append(Run(f"{b}/d{d}/{v.label}/s{s}", f"{b} d{d} {v.label} seed {s}", cfg))
-                    records.append({"budget": b, "depth": d, "variant": v.label, "model": v.model(d),
-                                    "kwargs": v.kwargs, "seed": s, "dir": str(run_dir)})
+                    own = budget_lr(budget_defs[b])
+                    for lr in (own,) if lrs is None else lrs.get((v.label, d), ()):
+                        folder = b if lr == own else f"{b}@lr{lr:g}"
+                        run_dir = Path(out) / folder / f"d{d}" / v.label / f"s{s}"
+                        spec = {**budget_defs[b], "lr": lr}
+                        cfg = TrainConfig(model=v.model(d), model_kwargs=dict(v.kwargs), seed=s, out=str(run_dir),
+                                          resume=True, progress=False, **spec, **base)
+                        lr_text = "" if lrs is None else f" lr {lr:g}"
+                        runs.append(Run(f"{folder}/d{d}/{v.label}/s{s}", f"{b} d{d} {v.label}{lr_text} seed {s}", cfg))
+                        records.append({"budget": b, "depth": d, "variant": v.label, "model": v.model(d),
+                                        "kwargs": v.kwargs, "seed": s, "dir": str(run_dir), "lr": lr,
+                                        "lr_selected": lrs is not None})
     return Grid("ablate", Path(out), runs, marker=MARKER), records
 
 
 def run_ablation(variants: list[Variant], depths: list[int], seeds: list[int], budgets: list[str], out: Path,
                  base: dict | None = None, dry_run: bool = False, log=print,
-                 budget_defs: dict[str, dict] | None = None, launch=None) -> list[dict[str, Any]]:
+                 budget_defs: dict[str, dict] | None = None, launch=None,
+                 lrs: dict[tuple[str, int], list[float]] | None = None) -> list[dict[str, Any]]:
     """Train (or reuse) every run; return one record per run with its ``summary`` (``None``: not finished).
 
     ``launch`` (:class:`~pnnh.experiments.LaunchOptions`) says where runs execute (default: one
     after another in this process). ``dry_run`` trains nothing and reports what is on disk.
+    ``lrs``: see :func:`ablation_grid`.
     """
 
-    grid, records = ablation_grid(variants, depths, seeds, budgets, out, base, budget_defs)
+    grid, records = ablation_grid(variants, depths, seeds, budgets, out, base, budget_defs, lrs)
     check_grid(grid)
     if not dry_run:
         run_grid(grid, make_launcher(launch or LaunchOptions(), Path(out), name="pnnh-ablate"), log=log)
     for rec, run in zip(records, grid.runs):
         rec["summary"] = finished(run)
     return records
+
+
+def choose_lr(records: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], float], list[dict[str, Any]]]:
+    """The learning rate chosen for each (variant, depth) from the selection runs' ``records``.
+
+    The same rule for every variant: the lr with the highest mean final test accuracy over the
+    seeds, among the lrs at which every seed completed (a diverged seed rules its lr out); a tie
+    goes to the smaller lr. A cell with a seed still to run has no choice yet. Returns the choices
+    and one row per cell for the report (``accs`` per lr, ``diverged`` lrs, ``chosen`` or ``None``).
+    """
+
+    cells: dict[tuple[str, int], dict[float, list[dict]]] = {}
+    for r in records:
+        cells.setdefault((r["variant"], r["depth"]), {}).setdefault(r["lr"], []).append(r)
+    chosen, rows = {}, []
+    for (variant, depth), per_lr in cells.items():
+        row = {"variant": variant, "depth": depth, "budget": records[0]["budget"], "accs": {}, "diverged": [],
+               "missing": [], "chosen": None}
+        for lr, runs in sorted(per_lr.items()):
+            done = [r["summary"] for r in runs if r["summary"] is not None]
+            if len(done) < len(runs):
+                row["missing"].append(lr)
+            elif any(s.get("status") != "complete" for s in done):
+                row["diverged"].append(lr)
+            else:
+                row["accs"][lr] = [s["test_acc"] * 100 for s in done]
+        if not row["missing"] and row["accs"]:
+            row["chosen"] = max(sorted(row["accs"]), key=lambda lr: stats.mean(row["accs"][lr]))
+            chosen[(variant, depth)] = row["chosen"]
+        rows.append(row)
+    return chosen, rows
+
+
+def _selection_table(selection: list[dict[str, Any]], mark: str = "**") -> list[list[str]]:
+    lrs = sorted({lr for row in selection for lr in [*row["accs"], *row["diverged"], *row["missing"]]})
+    rows = [["variant", "depth", *(f"lr {lr:g}" for lr in lrs), "chosen lr"]]
+    for row in selection:
+        cols = [row["variant"], str(row["depth"])]
+        for lr in lrs:
+            if lr in row["accs"]:
+                m, sd = stats.mean_std(row["accs"][lr])
+                cols.append(f"{m:.2f} ± {sd:.2f}" if len(row["accs"][lr]) > 1 else f"{m:.2f}")
+            else:
+                cols.append("diverged" if lr in row["diverged"] else "not run")
+        cols.append(f"{mark}{row['chosen']:g}{mark}" if row["chosen"] is not None else "not yet (runs missing)")
+        rows.append(cols)
+    return rows
+
+
+def _selection_text(selection: list[dict[str, Any]], seeds: list[int]) -> str:
+    budget = selection[0]["budget"]
+    return (f"Each variant's peak learning rate is chosen the same way before the other budgets run: the "
+            f"{budget} budget at every lr below, seeds {', '.join(map(str, seeds))}; the lr with the highest "
+            "mean test accuracy among those at which no seed diverged (a tie goes to the smaller lr). The "
+            "rows after this table train at the chosen lr (column lr).")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -158,7 +236,8 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (r["budget"], r["depth"], r["variant"])
         row = rows.setdefault(key, {"budget": key[0], "depth": key[1], "variant": key[2], "model": r["model"],
                                     "kwargs": r["kwargs"], "accs": [], "img_s": [], "wall": [], "params": None,
-                                    "missing": [], "diverged": []})
+                                    "missing": [], "diverged": [], "lr": r.get("lr"),
+                                    "lr_selected": r.get("lr_selected", False)})
         s = r["summary"]
         if s is None:
             row["missing"].append(r["seed"])
@@ -188,7 +267,8 @@ def _intro(records: list[dict[str, Any]], budget_defs: dict[str, dict], referenc
            "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
     used = dict.fromkeys(r["budget"] for r in records)
     budgets = ", ".join(f"{b} budget = {budget_defs[b]}" for b in used)
-    out = ["Recipe: the engine's defaults (SGD Nesterov, lr 0.1 one-cycle, weight decay 5e-4, batch 128) with the "
+    lr = ("the lr chosen per variant (below)" if any(r.get("lr_selected") for r in records) else "lr 0.1")
+    out = [f"Recipe: the engine's defaults (SGD Nesterov, {lr} one-cycle, weight decay 5e-4, batch 128) with the "
            f"fields a budget sets; full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; "
            f"{budgets}. Test accuracy in %, mean ± sample std "
            "over the finished seeds. img/s is training images per second from the engine (training time "
@@ -207,6 +287,9 @@ def _cell_table(cell: list[dict[str, Any]], reference: str | None) -> list[list[
     head = ["variant", "model", "options", "seeds", "test acc %", "params", "train img/s", "wall s"]
     if ref is not None:
         head[5:5] = [f"Δ acc vs {reference}", "params ×"]
+    selected = any(r["lr_selected"] for r in cell)
+    if selected:
+        head[3:3] = ["lr"]
     rows = [head]
     for r in cell:
         opts = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "—"
@@ -234,6 +317,8 @@ def _cell_table(cell: list[dict[str, Any]], reference: str | None) -> list[list[
                 delta = f"{diff[0]:+.2f} " + ("(1 seed each: no spread)" if one_each else f"± {diff[1]:.2f}")
                 ratio = f"{r['params'] / ref['params']:.2f}"
             cols[5:5] = [delta, ratio]
+        if selected:
+            cols[3:3] = [f"{r['lr']:g}"]
         rows.append(cols)
     return rows
 
@@ -258,12 +343,14 @@ _SPEED_TEXT = ("One process, one thread, alternating the models step by step (A 
 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
-                  budget_defs: dict[str, dict] | None = None, reference: str | None = "resnet") -> str:
+                  budget_defs: dict[str, dict] | None = None, reference: str | None = "resnet",
+                  selection: tuple[list[dict], list[int]] | None = None) -> str:
     """The Markdown results page (``docs/results/pnnh_ablation.md``).
 
     With ``reference`` (a variant label, the ResNet twin by default) each table also gives every
     variant's accuracy difference to that variant at the same depth and budget and its parameter ratio:
-    the terms the issue's criteria are stated in."""
+    the terms the issue's criteria are stated in. ``selection`` (the rows of :func:`choose_lr` and
+    its seeds) adds the learning-rate selection table first."""
 
     budget_defs = budget_defs or BUDGETS
     intro = _intro(records, budget_defs, reference)
@@ -271,6 +358,9 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
              command, "```", "", *intro, ""]
     if notes:
         lines += [notes, ""]
+    if selection:
+        lines += [f"## Learning-rate selection ({selection[0][0]['budget']} budget)", "",
+                  _selection_text(*selection), "", md_table(_selection_table(selection[0])), ""]
     for (b, d), cell in _cells(records).items():
         lines += [f"## {b} budget, depth {d}", "", md_table(_cell_table(cell, reference)), ""]
     if speed:
@@ -299,7 +389,8 @@ def _figure_results(records: list[dict[str, Any]], budget: str, data: str) -> di
 
 def write_html_report(path: Path, records: list[dict[str, Any]], command: str, notes: str = "",
                       speed: list[dict] | None = None, budget_defs: dict[str, dict] | None = None,
-                      reference: str | None = "resnet", data: str = "fashion-mnist") -> Path:
+                      reference: str | None = "resnet", data: str = "fashion-mnist",
+                      selection: tuple[list[dict], list[int]] | None = None) -> Path:
     """A self-contained HTML page: the Markdown report's tables plus, per budget, accuracy against
     depth and parameters and the training-loss curves (plots embedded as PNG)."""
 
@@ -309,6 +400,10 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
     parts += [f"<p>{e(p)}</p>" for p in _intro(records, budget_defs, reference)]
     if notes:
         parts.append(f"<pre>{e(notes)}</pre>")
+    if selection:
+        parts += [f"<h2>Learning-rate selection ({e(selection[0][0]['budget'])} budget)</h2>",
+                  f"<p>{e(_selection_text(*selection))}</p>",
+                  html_table(_selection_table(selection[0], mark=""))]
     cells = _cells(records)
     for b in dict.fromkeys(r["budget"] for r in records):
         parts.append(f"<h2>{e(b)} budget ({e(json.dumps(budget_defs[b]))})</h2>")

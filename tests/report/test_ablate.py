@@ -6,7 +6,8 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.report.ablate import VARIANTS, aggregate, format_report, parse_variant, side_by_side_throughput, split_variants
+from pnnh.report.ablate import (VARIANTS, aggregate, choose_lr, format_report, parse_variant, side_by_side_throughput,
+                                split_variants)
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -14,15 +15,18 @@ TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-su
 VARS = "p=pnnh{d}:width=0.25,r=resnet{d}:width=0.25"
 
 
-def test_ablate_runs_reuses_and_reports(tmp_path, fmnist_dir, capsys, monkeypatch):
+def _register_depth_8(monkeypatch):
+    """Depth 8 is not registered; throwaway entry points for one test."""
     import pnnh.models.pnnh_cnn as pc
     import pnnh.models.resnet as rn
-
-    # depth 8 is not registered; register throwaway entry points for this test only
     from pnnh.models._registry import _MODELS, ModelInfo
 
     for name, fn in (("pnnh8", lambda **k: pc.cifar_pnnh(8, **k)), ("resnet8", lambda **k: rn.cifar_resnet(8, **k))):
         monkeypatch.setitem(_MODELS, name, ModelInfo(name, "test", 8, "cifar", fn))
+
+
+def test_ablate_runs_reuses_and_reports(tmp_path, fmnist_dir, capsys, monkeypatch):
+    _register_depth_8(monkeypatch)
     out, report = tmp_path / "abl", tmp_path / "r.md"
     args = ["ablate", "--variants", VARS, "--seeds", "0,1", "--out", str(out), "--report", str(report),
             "--data-dir", str(fmnist_dir), *TINY]
@@ -50,6 +54,56 @@ def test_ablate_runs_reuses_and_reports(tmp_path, fmnist_dir, capsys, monkeypatc
     main([*args[:4], "0,1,2", *args[5:], "--dry-run"])  # a third seed, not run: reported as missing
     text = report.read_text()
     assert "not run: seeds [2]" in text
+
+
+def test_lr_selection_chooses_per_variant_then_trains_the_budgets_at_the_choice(tmp_path, fmnist_dir, capsys,
+                                                                                  monkeypatch):
+    _register_depth_8(monkeypatch)
+    out, report = tmp_path / "abl", tmp_path / "r.md"
+    args = ["ablate", "--variants", VARS, "--seeds", "0,1", "--out", str(out), "--report", str(report),
+            "--data-dir", str(fmnist_dir), *TINY, "--select-lr", "0.2,0.02", "--select-budget", "short",
+            "--select-seeds", "0"]
+    main(args)
+    log = capsys.readouterr().out
+    assert "lr selection: short budget, lr 0.02, 0.2, seeds 0" in log
+    for variant in ("p", "r"):
+        accs = {lr: json.loads((out / f"short@lr{lr}" / "d8" / variant / "s0" / "summary.json").read_text())["test_acc"]
+                for lr in ("0.02", "0.2")}
+        best = max(sorted(accs), key=lambda lr: accs[lr])  # the rule: best mean accuracy, ties to the smaller lr
+        # the budget's runs train at the chosen lr: seed 0 is the selection's own run, seed 1 is new
+        marker = json.loads((out / f"short@lr{best}" / "d8" / variant / "s1" / "ablate_config.json").read_text())
+        assert marker["lr"] == float(best)
+        other = "0.2" if best == "0.02" else "0.02"
+        assert not (out / f"short@lr{other}" / "d8" / variant / "s1").exists()
+    assert log.count(": training") == 6  # 2 variants x 2 lrs at seed 0, then seed 1 of each at its lr
+    assert log.count("finished earlier, kept") == 2  # seed 0 at the chosen lr is the selection's run
+    text = report.read_text()
+    assert "## Learning-rate selection (short budget)" in text
+    assert "| variant | depth | lr 0.02 | lr 0.2 | chosen lr |" in text
+    assert "the lr chosen per variant" in text and "| variant | model | options | lr | seeds |" in text
+    main(args)  # everything is on disk: nothing trains again
+    assert "training" not in capsys.readouterr().out
+
+
+def test_choose_lr_rule():
+    def rec(lr, seed, acc, status="complete"):
+        summary = None if status is None else {"status": status, "test_acc": acc}
+        return {"budget": "screen", "depth": 56, "variant": "a", "lr": lr, "seed": seed, "summary": summary}
+
+    chosen, (row,) = choose_lr([rec(0.05, 0, 0.80), rec(0.05, 1, 0.82), rec(0.1, 0, 0.83), rec(0.1, 1, 0.79),
+                                rec(0.2, 0, 0.95), rec(0.2, 1, 0, "diverged")])
+    assert chosen == {("a", 56): 0.05} and row["diverged"] == [0.2]  # a diverged seed rules its lr out; tie: smaller
+    chosen, (row,) = choose_lr([rec(0.05, 0, 0.8), rec(0.1, 0, 0.9), rec(0.1, 1, None, None)])
+    assert chosen == {} and row["chosen"] is None and row["missing"] == [0.1]  # a seed still to run: no choice yet
+
+
+@pytest.mark.parametrize("value,message", [("0.1,x", "comma-separated numbers"), ("0,0.1", "positive")])
+def test_bad_lr_grid_is_one_clear_error(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit):
+        main(["ablate", "--variants", "resnet", "--depths", "20", "--out", str(tmp_path), "--select-lr", value,
+              "--dry-run"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --select-lr") and message in err and len(err.splitlines()) == 1
 
 
 def test_variants_parse_and_config_errors(tmp_path):
