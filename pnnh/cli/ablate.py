@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, format_report, run_ablation, side_by_side_throughput,
-                             choose_lr, split_variants, write_html_report)
+from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, choose_lr, format_report, frontiers, run_ablation,
+                             side_by_side_throughput, split_variants, write_frontier_figures, write_html_report)
 from .options import launch_options_from, launcher_options
 
 __all__ = ["ablate_cmd"]
@@ -45,6 +45,8 @@ __all__ = ["ablate_cmd"]
               help="The budget the lr selection trains.")
 @click.option("--select-seeds", default=DEFAULTS.get("select_seeds", "0,1"), show_default=True,
               help="Seeds of the lr selection.")
+@click.option("--frontier", is_flag=True, help="Add accuracy-vs-cost tables and plots per budget and depth (widths of "
+              "one design joined; speed from --speed). With --report the plots are PNGs beside it.")
 @click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
 @click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
 @click.option("--reference", default="resnet", show_default=True,
@@ -54,7 +56,7 @@ __all__ = ["ablate_cmd"]
 @click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
 def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
                threads, out, report_path, speed, speed_variants, speed_depths, select_lr, select_budget, select_seeds,
-               dry_run, notes, reference, list_, **launch) -> None:
+               frontier, dry_run, notes, reference, list_, **launch) -> None:
     """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
 
     Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
@@ -110,12 +112,15 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
             speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
     command = _command_line(speed)
+    fronts = frontiers(records, speed_rows, reference or None) if frontier else None
+    links = write_frontier_figures(fronts, Path(report_path)) if fronts and report_path else None
     text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
-                         budget_defs=budget_defs, reference=reference or None, selection=selection)
+                         budget_defs=budget_defs, reference=reference or None, selection=selection, fronts=fronts,
+                         figure_links=links)
     html_path = write_html_report(Path(out) / "report.html", records, command,
                                   notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
                                   budget_defs=budget_defs, reference=reference or None, data=data,
-                                  selection=selection)
+                                  selection=selection, fronts=fronts)
     if report_path:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         Path(report_path).write_text(text)

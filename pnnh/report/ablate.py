@@ -46,11 +46,11 @@ from ..experiments.state import check_grid, finished
 from ..models import create_model
 from ..train.config import TrainConfig
 from ..utils import atomic_write_text, parse_kv
-from .render import html_figure, html_page, html_table, make_figures, md_table
+from .render import frontier_figure, html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
            "format_report", "write_html_report", "side_by_side_throughput", "DEFAULTS", "parse_variant",
-           "split_variants", "choose_lr", "budget_lr"]
+           "split_variants", "choose_lr", "budget_lr", "frontiers", "write_frontier_figures"]
 
 MARKER = "ablate_config.json"
 
@@ -344,13 +344,15 @@ _SPEED_TEXT = ("One process, one thread, alternating the models step by step (A 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
                   budget_defs: dict[str, dict] | None = None, reference: str | None = "resnet",
-                  selection: tuple[list[dict], list[int]] | None = None) -> str:
+                  selection: tuple[list[dict], list[int]] | None = None,
+                  fronts: list[dict[str, Any]] | None = None, figure_links: dict[str, str] | None = None) -> str:
     """The Markdown results page (``docs/results/pnnh_ablation.md``).
 
     With ``reference`` (a variant label, the ResNet twin by default) each table also gives every
     variant's accuracy difference to that variant at the same depth and budget and its parameter ratio:
     the terms the issue's criteria are stated in. ``selection`` (the rows of :func:`choose_lr` and
-    its seeds) adds the learning-rate selection table first."""
+    its seeds) adds the learning-rate selection table first; ``fronts`` (:func:`frontiers`) adds the
+    accuracy-cost tables, with the plots whose files ``figure_links`` names."""
 
     budget_defs = budget_defs or BUDGETS
     intro = _intro(records, budget_defs, reference)
@@ -365,7 +367,103 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
         lines += [f"## {b} budget, depth {d}", "", md_table(_cell_table(cell, reference)), ""]
     if speed:
         lines += ["## Training throughput, side by side", "", _SPEED_TEXT, "", md_table(_speed_table(speed)), ""]
+    for front in fronts or ():
+        lines += [f"## Accuracy against cost: {front['budget']} budget, depth {front['depth']}", "",
+                  _FRONTIER_TEXT, "", md_table(front["table"]), ""]
+        lines += [f"![{caption}]({figure_links[stem]})\n" for stem, (caption, _) in front["figures"].items()
+                  if stem in (figure_links or {})]
     return "\n".join(lines)
+
+
+_FRONTIER_TEXT = ("A design is one model with one set of options, run at one or more widths (`width` scales every "
+                  "stage). Test accuracy: mean ± sample std (seeds). Training images/s: one process, one thread, "
+                  "the models alternating step by step (the throughput table), for the variants it measured.")
+
+
+def _speed_of(speed: list[dict] | None, model: str, kwargs: dict) -> float | None:
+    return next((s["img_s"] for s in speed or () if s["model"] == model and s["kwargs"] == kwargs), None)
+
+
+def _design_key(row: dict[str, Any]) -> str:
+    """The model and its options apart from ``width``: what the widths of one design share."""
+    return json.dumps([row["model"], {k: v for k, v in row["kwargs"].items() if k != "width"}], sort_keys=True)
+
+
+def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
+              reference: str | None = "resnet") -> list[dict[str, Any]]:
+    """Accuracy against cost per (budget, depth): a table and a plot per cost axis.
+
+    Variants that run the same model with the same options apart from ``width`` are one *design*
+    (named by its shortest variant label), drawn as one line through its widths; a design run at
+    one width is one point. The costs are parameters and, for the variants in ``speed`` (training
+    images/s measured side by side, :func:`side_by_side_throughput`), training speed. Returns one
+    entry per cell: ``budget``, ``depth``, ``table`` (rows of strings) and ``figures``
+    (``{stem: (caption, PNG bytes)}``).
+    """
+
+    out = []
+    for (b, d), cell in _cells(records).items():
+        groups: dict[str, list[dict]] = {}
+        for r in cell:
+            groups.setdefault(_design_key(r), []).append(r)
+        designs = {min((m["variant"] for m in members), key=len): sorted(members, key=lambda m: m["params"] or 0)
+                   for members in groups.values()}
+        ref = next((r for r in cell if r["variant"] == reference), None)
+        ref_speed = _speed_of(speed, ref["model"], ref["kwargs"]) if ref else None
+        head = ["design", "variant", "width", "params", "test acc %", "train img/s (side by side)"]
+        if ref is not None and ref["accs"]:
+            head[4:4] = [f"params × {reference}"]
+            head[6:6] = [f"Δ acc vs {reference}"]
+            head.append(f"speed × {reference}")
+        table = [head]
+        by_params: dict[str, list] = {}
+        by_speed: dict[str, list] = {}
+        for name, members in designs.items():
+            for r in members:
+                if not r["accs"]:
+                    table.append([name, r["variant"], f"{r['kwargs'].get('width', 1.0):g}", "not run"]
+                                 + [""] * (len(head) - 4))
+                    continue
+                m, sd = stats.mean_std(r["accs"])
+                img = _speed_of(speed, r["model"], r["kwargs"])
+                row = [name, r["variant"], f"{r['kwargs'].get('width', 1.0):g}", f"{r['params']:,}",
+                       f"{m:.2f} ± {sd:.2f} ({len(r['accs'])})", "—" if img is None else f"{img:.0f}"]
+                if len(head) > 6:
+                    diff = difference(r, ref)
+                    row[4:4] = [f"{r['params'] / ref['params']:.3f}"]
+                    row[6:6] = ["—" if r is ref else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
+                    row.append("—" if img is None or ref_speed is None else f"{img / ref_speed:.3f}")
+                table.append(row)
+                by_params.setdefault(name, []).append((r["params"], m, sd))
+                if img is not None:
+                    by_speed.setdefault(name, []).append((img, m, sd))
+        figures = {}
+        if by_params:
+            figures[f"frontier_{b}_d{d}_params"] = (
+                f"Test accuracy (mean ± std over seeds) against parameters, {b} budget, depth {d}; a line joins "
+                "the widths of one design.",
+                frontier_figure(by_params, "parameters", f"Accuracy vs parameters (depth {d})", params_axis=True))
+        if by_speed:
+            figures[f"frontier_{b}_d{d}_speed"] = (
+                f"Test accuracy against training images/s measured side by side, {b} budget, depth {d}.",
+                frontier_figure(by_speed, "training images/s (side by side)",
+                                f"Accuracy vs training speed (depth {d})"))
+        out.append({"budget": b, "depth": d, "table": table, "figures": figures})
+    return out
+
+
+def write_frontier_figures(fronts: list[dict[str, Any]], report_path: Path) -> dict[str, str]:
+    """Each frontier plot as ``<report stem>_<figure stem>.png`` beside the report; ``{figure stem: file name}``."""
+    links = {}
+    for front in fronts:
+        for stem, (_, png) in front["figures"].items():
+            path = Path(report_path).with_name(f"{Path(report_path).stem}_{stem}.png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".png.tmp")
+            tmp.write_bytes(png)
+            tmp.replace(path)
+            links[stem] = path.name
+    return links
 
 
 def _figure_results(records: list[dict[str, Any]], budget: str, data: str) -> dict[str, Any]:
@@ -390,7 +488,8 @@ def _figure_results(records: list[dict[str, Any]], budget: str, data: str) -> di
 def write_html_report(path: Path, records: list[dict[str, Any]], command: str, notes: str = "",
                       speed: list[dict] | None = None, budget_defs: dict[str, dict] | None = None,
                       reference: str | None = "resnet", data: str = "fashion-mnist",
-                      selection: tuple[list[dict], list[int]] | None = None) -> Path:
+                      selection: tuple[list[dict], list[int]] | None = None,
+                      fronts: list[dict[str, Any]] | None = None) -> Path:
     """A self-contained HTML page: the Markdown report's tables plus, per budget, accuracy against
     depth and parameters and the training-loss curves (plots embedded as PNG)."""
 
@@ -418,6 +517,10 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
     if speed:
         parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_SPEED_TEXT)}</p>"
                      + html_table(_speed_table(speed)))
+    for front in fronts or ():
+        parts += [f"<h2>Accuracy against cost: {e(front['budget'])} budget, depth {front['depth']}</h2>",
+                  f"<p>{e(_FRONTIER_TEXT)}</p>", html_table(front["table"])]
+        parts += [html_figure(caption, png) for caption, png in front["figures"].values()]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), html_page("pnnh ablation", parts))
     return Path(path)

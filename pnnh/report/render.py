@@ -22,7 +22,7 @@ from ..experiments.stats import difference, mean, sample_std
 from ..utils import atomic_write_text
 
 __all__ = ["Section", "Group", "Contrast", "aggregate", "contrast", "verdicts", "VERDICT_RULE", "make_figures",
-           "render_markdown", "render_html",
+           "frontier_figure", "render_markdown", "render_html",
            "html_page", "html_figure", "md_table", "html_table", "write_report", "load_results"]
 
 # classes per dataset, for the chance level (imagefolder: unknown, no chance line)
@@ -376,6 +376,39 @@ def _depth_axis(ax, depths: list[int]) -> None:
     ax.set_xlabel("depth (layers)")
 
 
+def _params_axis(ax, params: list[int]) -> None:
+    """A log axis with ticks at the models' own parameter counts, labelled 270k / 0.85M."""
+    ax.set_xscale("log")
+    ticks: list[int] = []
+    for p in sorted(set(params)):
+        if not ticks or p > ticks[-1] * 1.25:
+            ticks.append(p)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_fmt_params(t) for t in ticks])
+    ax.minorticks_off()
+
+
+def frontier_figure(designs: dict[str, list[tuple[float, float, float]]], xlabel: str, title: str,
+                    params_axis: bool = False) -> bytes:
+    """PNG of accuracy-cost frontiers: per design a line through its ``(cost, mean acc %, std)`` points."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    colors = _colors(list(designs))
+    for name, points in designs.items():
+        points = sorted(points)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    ls="-", capsize=3, color=colors[name], label=name)
+    if params_axis:
+        _params_axis(ax, [int(p[0]) for points in designs.values() for p in points])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """``{file stem: (caption, PNG bytes)}`` for the report's plots."""
     groups = aggregate(results)
@@ -449,15 +482,8 @@ def make_figures(results: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
             for g in gs:
                 ax.annotate(str(g.depth), (getattr(g, attr), g.acc * 100), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=colors[f])
-        if log:  # ticks at the models' own parameter counts, labelled 270k / 0.85M
-            ax.set_xscale("log")
-            ticks: list[int] = []
-            for p in sorted({g.params for g in groups if g.params}):
-                if not ticks or p > ticks[-1] * 1.25:
-                    ticks.append(p)
-            ax.set_xticks(ticks)
-            ax.set_xticklabels([_fmt_params(t) for t in ticks])
-            ax.minorticks_off()
+        if log:
+            _params_axis(ax, [g.params for g in groups if g.params])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 100)

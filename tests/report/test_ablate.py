@@ -6,8 +6,8 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.report.ablate import (VARIANTS, aggregate, choose_lr, format_report, parse_variant, side_by_side_throughput,
-                                split_variants)
+from pnnh.report.ablate import (VARIANTS, aggregate, choose_lr, format_report, frontiers, parse_variant,
+                                side_by_side_throughput, split_variants, write_frontier_figures)
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -186,9 +186,10 @@ def test_dry_run_into_a_new_directory_reports_every_run_missing(tmp_path, capsys
     """A dry run before anything trained: no error, the report lists the runs as not run."""
     out, report = tmp_path / "new" / "abl", tmp_path / "r.md"
     main(["ablate", "--variants", "vit,pnnh-vit-block", "--depths", "12", "--seeds", "0,1", "--budgets", "vit-e20",
-          "--out", str(out), "--report", str(report), "--reference", "vit", "--dry-run"])
+          "--out", str(out), "--report", str(report), "--reference", "vit", "--dry-run", "--frontier"])
     text = report.read_text()
     assert "not run: seeds [0, 1]" in text and (out / "report.html").exists()
+    assert "## Accuracy against cost: vit-e20 budget, depth 12" in text and not list(report.parent.glob("*.png"))
     assert "vit-e20 budget = {'epochs': 20, 'optimizer': 'adamw'" in text  # the budget's own recipe is stated
 
 
@@ -198,3 +199,30 @@ def test_vit_variants_name_registered_models():
     for label in ("vit", "plain-vit", "pnnh-vit", "pnnh-vit-block", "dirac-vit", "skipless-vit", "skipless-vit-vsi"):
         v = VARIANTS[label]
         pnnh.create_model(v.model(12), **v.kwargs)
+
+
+def test_frontier_joins_the_widths_of_a_design_and_states_cost_ratios(tmp_path):
+    def rec(variant, model, kwargs, seed, acc, params):
+        return {"budget": "long", "depth": 56, "variant": variant, "model": model, "kwargs": kwargs, "seed": seed,
+                "summary": {"status": "complete", "test_acc": acc, "train_img_per_s": 1.0, "wall_s": 1.0,
+                            "params": params}}
+
+    recs = [rec("resnet", "resnet56", {}, s, a, 1000) for s, a in ((0, 0.93), (1, 0.95))]
+    recs += [rec("resnet-w0.5", "resnet56", {"width": 0.5}, s, a, 250) for s, a in ((0, 0.90), (1, 0.92))]
+    recs += [rec("pnnh-w0.7", "pnnh56", {"width": 0.7, "coder": "x"}, s, a, 500) for s, a in ((0, 0.93), (1, 0.93))]
+    speed = [{"model": "resnet56", "kwargs": {}, "img_s": 100.0}, {"model": "pnnh56", "kwargs": {"width": 0.7,
+                                                                                                   "coder": "x"},
+                                                                  "img_s": 150.0}]
+    (front,) = frontiers(recs, speed, reference="resnet")
+    head, *rows = front["table"]
+    assert head == ["design", "variant", "width", "params", "params × resnet", "test acc %", "Δ acc vs resnet",
+                    "train img/s (side by side)", "speed × resnet"]
+    by_variant = {r[1]: r for r in rows}
+    assert by_variant["resnet-w0.5"][:5] == ["resnet", "resnet-w0.5", "0.5", "250", "0.250"]  # one design, two widths
+    assert by_variant["pnnh-w0.7"][0] == "pnnh-w0.7" and by_variant["pnnh-w0.7"][-1] == "1.500"
+    assert by_variant["pnnh-w0.7"][6] == "-1.00 ± 1.00" and by_variant["resnet-w0.5"][-1] == "—"  # speed not measured
+    assert set(front["figures"]) == {"frontier_long_d56_params", "frontier_long_d56_speed"}
+    links = write_frontier_figures([front], tmp_path / "docs" / "cost.md")
+    assert (tmp_path / "docs" / links["frontier_long_d56_params"]).read_bytes()[:4] == b"\x89PNG"
+    text = format_report(recs, "cmd", fronts=[front], figure_links=links)
+    assert "## Accuracy against cost: long budget, depth 56" in text and "(cost_frontier_long_d56_speed.png)" in text
