@@ -339,7 +339,8 @@ def _speed_table(speed: list[dict]) -> list[list[str]]:
 
 
 _SPEED_TEXT = ("One process, one thread, alternating the models step by step (A B A B ...) so that the "
-               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128.")
+               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128. img/s is "
+               "each model's median over rounds; the ratio is the median of the per-round ratios.")
 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
@@ -531,7 +532,8 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
     """Training images/s of several models measured alternately in one process.
 
     Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
-    of each model's rate is reported, with the ratio to the first model.
+    of each model's rate is reported, and its ratio to the first model is the median of the
+    per-round ratios (paired, as ``pnnh bench`` reports them: a round's load hits both alike).
     """
 
     built = []
@@ -556,6 +558,6 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
     for (name, kw, m, _), rs in zip(built, rates):
         out.append({"model": name, "kwargs": kw, "params": sum(p.numel() for p in m.parameters()),
                     "img_s": statistics.median(rs)})
-    for o in out:
-        o["ratio"] = o["img_s"] / out[0]["img_s"]
+    for o, rs in zip(out, rates):
+        o["ratio"] = statistics.median(r / r0 for r, r0 in zip(rs, rates[0]))
     return out
