@@ -182,6 +182,19 @@ def test_equal_parameter_variants_match_what_they_say(label, other, tolerance, a
     assert a <= b or not at_most, (a, b)
 
 
+def test_parameter_counts_stated_in_variant_docs_are_true():
+    import re
+
+    import pnnh
+
+    stated = {label: int(m.group(1).replace(",", "")) for label, v in VARIANTS.items()
+              if (m := re.search(r"\(([\d,]+) at d56", v.doc))}
+    assert len(stated) >= 7
+    for label, count in stated.items():
+        v = VARIANTS[label]
+        assert sum(p.numel() for p in pnnh.create_model(v.model(56), **v.kwargs).parameters()) == count, label
+
+
 def test_dry_run_into_a_new_directory_reports_every_run_missing(tmp_path, capsys):
     """A dry run before anything trained: no error, the report lists the runs as not run."""
     out, report = tmp_path / "new" / "abl", tmp_path / "r.md"
