@@ -13,4 +13,16 @@ from .resnet import ResNet
 from .timm_registry import register_timm_models
 
 __all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet",
-           "register_timm_models", "is_factory_spec", "load_factory", "model_label", "model_slug"]
+           "register_timm_models", "is_factory_spec", "load_factory", "model_label", "model_slug",
+           "upgrade_state_dict"]
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """``state_dict`` with every key of an older pnnh layout renamed or split to the present one.
+
+    The families' own upgrades, in one place for loaders that compare keys before loading: PNNH
+    layers' DiracNet entries (:func:`pnnh.models.pnnh_cnn.upgrade_state_dict`) and the block-coder
+    PNNH-ViT's joint ``in_proj`` (:func:`pnnh.models.vit.split_joint_in_proj`). The modules apply
+    the same upgrades in their ``load_state_dict`` hooks.
+    """
+    return vit.split_joint_in_proj(pnnh_cnn.upgrade_state_dict(state_dict))

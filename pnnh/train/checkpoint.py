@@ -31,9 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
-from ..models import create_model
-from ..models.pnnh_cnn import upgrade_state_dict
-from ..models.vit import split_joint_in_proj
+from ..models import create_model, upgrade_state_dict
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
@@ -215,8 +213,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
-    sd = split_joint_in_proj(upgrade_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                                                 if k.startswith("model.")}))
+    sd = upgrade_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     own = model.state_dict()
     saved_name, own_name = meta.get("model"), getattr(model, "pnnh_name", None)
     missing = [k for k in own if k not in sd]
