@@ -105,13 +105,13 @@ class ConvReLU2d(nn.Conv2d):
     """``relu(conv2d(x))``: one oneDNN kernel with ReLU as post-op on CPU, two ops elsewhere.
 
     The fused kernel (which has no backward) is used for float32/bfloat16 CPU inputs when no
-    gradient is recorded, outside autocast, tracing and ONNX export; every other case takes the
-    plain path, with the same result.
+    gradient is recorded, outside autocast, tracing (jit or fx) and ONNX export; every other case
+    takes the plain path, with the same result.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global _FUSED_KERNEL
-        if (_USE_FUSED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
+        if (_USE_FUSED and not fx._symbolic_trace.is_fx_symbolic_tracing() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple) and not torch.is_autocast_enabled("cpu")
@@ -225,25 +225,40 @@ def _foldable(node: fx.Node) -> bool:
 
 @torch.no_grad()
 def _fold_constants(gm: fx.GraphModule) -> int:
-    """Replace every tensor computed from parameters and buffers alone by a buffer; return how many."""
+    """Replace every tensor computed from parameters and buffers alone by a stored one; return how many.
+
+    A value computed from at least one parameter is stored as a (frozen) parameter, one computed
+    from buffers alone as a buffer: the structure check (``find_residual_connections``) counts a
+    layer reading a parameter as weighted and one reading only buffers as a fixed map that can
+    carry its input, and the deployed graph keeps that distinction.
+    """
     const: dict[fx.Node, object] = {}
+    learned: set[fx.Node] = set()  # constants computed from at least one parameter
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             const[node] = gm
             for atom in node.target.split("."):
                 const[node] = getattr(const[node], atom)
+            if node.target in params:
+                learned.add(node)
         elif _foldable(node) and all(n in const for n in node.all_input_nodes):
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), const.__getitem__)
             if node.op == "call_function":
                 const[node] = node.target(*args, **kwargs)
             else:
                 const[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            if any(n in learned for n in node.all_input_nodes):
+                learned.add(node)
     folded = 0
     for node, value in const.items():
         if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(u in const for u in node.users):
             continue  # a stored tensor already, not a tensor, or read only by other constants
         name = _unique_name(gm, f"folded_{node.name}")
-        gm.register_buffer(name, value.detach().clone())
+        if node in learned:
+            gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+        else:
+            gm.register_buffer(name, value.detach().clone())
         with gm.graph.inserting_before(node):
             node.replace_all_uses_with(gm.graph.get_attr(name))
         folded += 1

@@ -260,3 +260,16 @@ def test_constant_folding_keeps_random_and_input_dependent_work():
     ref = model(x)
     torch.manual_seed(3)
     torch.testing.assert_close(deployed(x), ref)
+
+
+@pytest.mark.parametrize("name,kwargs,shortcuts", [("pnnh_vit_mini_d6", {"coder": "block"}, 0),
+                                                    ("pnnh_vit_mini_d6", {}, 0), ("dirac_vit_mini_d6", {}, 0),
+                                                    ("pnnh20", {}, 0), ("plain20", {"init": "dirac_param"}, 0),
+                                                    ("vit_mini_d6", {}, 12), ("resnet20", {}, 9)])
+def test_deployment_keeps_what_the_structure_check_finds(name, kwargs, shortcuts):
+    """Folded weights stay weights: a deployed plain or PNNH net is still plain, a residual one keeps its shortcuts."""
+    from pnnh.analysis.structure import find_residual_connections
+
+    model = pnnh.create_model(name, **kwargs)
+    assert len(find_residual_connections(model)) == shortcuts
+    assert len(find_residual_connections(deploy(model))) == shortcuts
