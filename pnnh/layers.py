@@ -18,6 +18,10 @@ crosses every non-linearity unchanged (docs/layers.md, docs/pnnh.md)::
 - :class:`PNNHConv2d` -- ``relu(mirror(BN(conv(x))))``; ``in_code`` defaults to the layout a PNNH
   layer of that width writes, so layers chain without bookkeeping.
 - :class:`PNNHLinear` -- the same on the last dimension, for Transformer MLPs (no norm inside).
+- :class:`PNNHParallelBlock` -- a whole pre-norm Transformer block as one plain PNNH layer
+  (attention heads and MLP units side by side, one mirrored coder): a drop-in for a residual
+  block ``Block(dim, num_heads, mlp_ratio, qkv_bias)`` on ``(batch, tokens, dim)`` tokens, with
+  0.91x its weights; :class:`MirrorCoder` is its coder.
 - :class:`PNNHSequential`, :func:`pnnh_stage` -- a chain of PNNH layers whose layouts are checked.
 - :class:`CoderSpec` -- coder options shared by layers (ratio, init, DiracNet path, ...).
 - :class:`DiracWeight`, :func:`dirac_parametrize`, :func:`dirac_weight` -- the DiracNet
@@ -33,6 +37,7 @@ from .models.kernels import select_kernels
 from .models.layers import DiracWeight, dirac_parametrize, dirac_weight, mirror
 from .models.pnnh_cnn import CoderSpec, PNNHConv2d, PNNHSequential, pnnh_stage
 from .models.pnnh_linear import PNNHLinear
+from .models.vit import MirrorCoder, PNNHParallelBlock
 
 __all__ = ["PNNHConv2d", "PNNHLinear", "PNNHSequential", "pnnh_stage", "CoderSpec", "DiracWeight", "dirac_parametrize",
-           "dirac_weight", "mirror", "select_kernels"]
+           "dirac_weight", "mirror", "select_kernels", "PNNHParallelBlock", "MirrorCoder"]

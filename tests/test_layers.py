@@ -7,8 +7,8 @@ import torch.nn as nn
 import pnnh
 from pnnh.analysis.structure import is_plain
 from pnnh.errors import ConfigError
-from pnnh.layers import (CoderSpec, DiracWeight, PNNHConv2d, PNNHLinear, PNNHSequential, dirac_parametrize,
-                         dirac_weight, pnnh_stage)
+from pnnh.layers import (CoderSpec, DiracWeight, PNNHConv2d, PNNHLinear, PNNHParallelBlock, PNNHSequential,
+                         dirac_parametrize, dirac_weight, pnnh_stage)
 
 
 def _code(layer, y):
@@ -90,3 +90,39 @@ def test_layers_build_the_same_pnnh_layer_the_registered_nets_use():
     mine = PNNHConv2d(16, 16)
     assert (mine.in_code, mine.n_code, mine.n_learn) == (ref.in_code, ref.n_code, ref.n_learn)
     assert torch.equal(mine.dirac.path, ref.dirac.path)
+
+
+def test_transformer_blocks_in_your_own_model_are_plain_and_learn():
+    class TinyTokenNet(nn.Module):  # a user's own Transformer: patch embedding, PNNH blocks, mean-pool head
+        def __init__(self, dim=32, depth=4):
+            super().__init__()
+            self.embed = nn.Linear(16, dim)
+            self.blocks = nn.Sequential(*[PNNHParallelBlock(dim, num_heads=2) for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, x):  # x: (batch, tokens, 16)
+            return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+    torch.manual_seed(0)
+    net = TinyTokenNet()
+    assert is_plain(net)
+    block = net.blocks[0]  # at init: the parallel residual block, computed without an addition
+    t = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        a = nn.functional.scaled_dot_product_attention(
+            *block.qkv(block.norm(t)).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4).unbind(0)).transpose(1, 2)
+        ref = t + nn.functional.linear(torch.cat([a.flatten(2), block.act(block.fc1(block.norm(t)))], -1),
+                                       block.proj.weight, block.proj.bias)
+        torch.testing.assert_close(block(t), ref, rtol=1e-5, atol=1e-5)
+    x, y = torch.randn(64, 6, 16), torch.randint(0, 3, (64,))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # it fits a small random task
+    assert sum(p.numel() for p in block.parameters() if p.dim() == 2) == 11 * 32 * 32
