@@ -408,12 +408,14 @@ class PNNHParallelBlock(nn.Module):
                                                if k.startswith(prefix + "in_proj.")}))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``x``: ``(batch, tokens, dim)``; ``attn_mask``/``is_causal`` as for ``F.scaled_dot_product_attention``."""
         # shapes come from constants, not from x.shape: the learner must not read x past the norm
         t = self.norm(x)
         q, k, v = self.qkv(t).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         u = self.fc1(t)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         a = a.transpose(1, 2)  # (batch, tokens, heads, head_dim)
         if self.fused and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             features = block_features(a, u, self.coder.encode(x))  # the same function as below, one buffer

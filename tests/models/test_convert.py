@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import pnnh
 from pnnh.analysis.structure import find_residual_connections
 from pnnh.errors import ConfigError
-from pnnh.layers import PNNHConv2d
+from pnnh.layers import PNNHConv2d, PNNHParallelBlock
+from pnnh.models.convert import PlainTransformerBlock
 from pnnh.models.resnet import cifar_resnet
 from resnet_replicas import TimmBasicBlock, TimmBottleneck, TimmResNet, TVBasicBlock, TVBottleneck, TVResNet
+from vit_replicas import TimmResPostBlock, TimmViT
 
 
 def _convs(model):
@@ -131,3 +133,59 @@ def test_unsupported_blocks_and_bad_arguments_are_config_errors_naming_them():
         pnnh.convert(pnnh.create_model("resnet20"), to="resnet")
     with pytest.raises(ConfigError, match="unknown option.*coder_raito"):
         pnnh.convert(pnnh.create_model("resnet20"), coder_raito=0.5)
+
+
+# -- Vision Transformers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: TimmViT(qkv_bias=True), lambda: TimmViT(init_values=1e-5),
+                                  lambda: pnnh.create_model("vit_mini_d6")])
+def test_vits_become_plain_and_pnnh_twins(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 1, 28, 28)
+    blocks = [m for m in model.modules() if hasattr(m, "mlp")]
+    assert len(find_residual_connections(model)) == 2 * len(blocks)  # two adds per block
+    plain, twin = pnnh.convert(model, to="plain"), pnnh.convert(model, to="pnnh")
+    assert not find_residual_connections(plain) and not find_residual_connections(twin)
+    pblocks = [m for m in twin.modules() if isinstance(m, PNNHParallelBlock)]
+    assert len(pblocks) == len(blocks) and pblocks[0].num_heads == blocks[0].attn.num_heads
+    assert (pblocks[0].qkv.bias is None) == (blocks[0].attn.qkv.bias is None)
+    with torch.no_grad():  # the plain twin keeps every weight: it is the residual net minus its adds
+        assert twin(x).shape == model(x).shape
+        b, pb = blocks[0], [m for m in plain.modules() if isinstance(m, PlainTransformerBlock)][0]
+        t = torch.randn(2, 17, b.norm1.normalized_shape[0])
+        ls1, ls2 = getattr(b, "ls1", nn.Identity()), getattr(b, "ls2", nn.Identity())
+        torch.testing.assert_close(pb(t), ls2(b.mlp(b.norm2(ls1(b.attn(b.norm1(t)))))))
+    assert sum(p.numel() for p in twin.parameters()) < sum(p.numel() for p in model.parameters())
+    assert len(find_residual_connections(model)) == 2 * len(blocks)  # the original is untouched
+
+
+def test_the_pnnh_twin_of_a_timm_vit_trains_and_takes_a_mask():
+    torch.manual_seed(0)
+    twin = pnnh.convert(TimmViT(qkv_bias=True), to="pnnh").train()
+    opt = torch.optim.AdamW(twin.parameters(), lr=2e-3)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(twin(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    block = twin.blocks[0].eval()
+    t = torch.randn(2, 5, 48)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(block(t, attn_mask=causal), block(t, is_causal=True))
+
+
+def test_unsupported_transformer_blocks_are_config_errors_naming_them():
+    with pytest.raises(ConfigError, match=r"block 'blocks.0' \(TimmResPostBlock\).*Transformer block"):
+        pnnh.convert(TimmViT(block_fn=TimmResPostBlock))
+    with pytest.raises(ConfigError, match=r"q_norm \(LayerNorm\)"):
+        pnnh.convert(TimmViT(qk_norm=True))
+    assert not find_residual_connections(pnnh.convert(TimmViT(qk_norm=True), to="plain"))  # kept as they are
+    with pytest.raises(ConfigError, match="learner units are GELUs, the block uses SiLU"):
+        pnnh.convert(TimmViT(act_layer=nn.SiLU))
+    with pytest.raises(ConfigError, match="no residual block found in VisionTransformer"):
+        pnnh.convert(pnnh.create_model("plain_vit_mini_d6"))
