@@ -18,8 +18,8 @@ budget (``--budget``, default 450 s):
     pnnh50 / plain50 (ImageNet layout, 3x224x224 synthetic, batch 256) with timm's and torchvision's
     ``resnet50`` in the same alternating rounds where they import. bf16 autocast, channels-last.
 ``convert``
-    where ``pnnh.convert`` exists: torchvision's ``resnet50`` converted to PNNH and trained for a
-    few steps (bf16 autocast, synthetic 224 px batches).
+    where ``pnnh.convert`` exists: torchvision's ``resnet50`` and timm's ``vit_small_patch16_224``
+    converted to PNNH and trained for a few steps each (bf16 autocast, synthetic 224 px batches).
 ``bench_cifar_compile`` / ``bench_imagenet_compile``
     the same benches with every model also under ``torch.compile``, eager and compiled side by side.
 
@@ -327,29 +327,52 @@ def step_convert(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
             raise Skip(f"torchvision does not import here ({type(e).__name__}: {e})") from None
         source_name, source = "torchvision:resnet50", torchvision.models.resnet50(weights=None)
     device = torch.device(plan.device)
-    res: dict[str, Any] = {"source": source_name, "params_source": sum(p.numel() for p in source.parameters())}
-    model = convert(source, to="pnnh")
-    res["params_converted"] = sum(p.numel() for p in model.parameters())
-    model.train().to(device).to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, TrainConfig(lr=0.01))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(plan.convert_batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (plan.convert_batch,), generator=g).to(device)
-    losses, t0 = [], time.perf_counter()
-    for i in range(plan.convert_steps):
-        if i == 1:  # timed from the second step: the first includes cuDNN's algorithm search
-            t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())  # .item() waits for the device: the clock sees finished steps
-    timed = plan.convert_steps - 1
-    res.update(steps=plan.convert_steps, batch_size=plan.convert_batch, losses=losses,
-               train_img_per_s=plan.convert_batch * timed / (time.perf_counter() - t0) if timed else None)
-    if not all(math.isfinite(l) for l in losses):
-        res["status"] = "failed"
+
+    def train_converted(source: torch.nn.Module, name: str) -> dict[str, Any]:
+        """Convert ``source`` to PNNH and train the twin for ``convert_steps`` bf16 steps on random images."""
+        out: dict[str, Any] = {"source": name, "params_source": sum(p.numel() for p in source.parameters())}
+        model = convert(source, to="pnnh")
+        out["params_converted"] = sum(p.numel() for p in model.parameters())
+        model.train().to(device).to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, TrainConfig(lr=0.01))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(plan.convert_batch, 3, size, size, generator=g).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (plan.convert_batch,), generator=g).to(device)
+        losses, t0 = [], time.perf_counter()
+        for i in range(plan.convert_steps):
+            if i == 1:  # timed from the second step: the first includes cuDNN's algorithm search
+                t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())  # .item() waits for the device: the clock sees finished steps
+        timed = plan.convert_steps - 1
+        out.update(steps=plan.convert_steps, batch_size=plan.convert_batch, losses=losses,
+                   train_img_per_s=plan.convert_batch * timed / (time.perf_counter() - t0) if timed else None)
+        if not all(math.isfinite(l) for l in losses):
+            out["status"] = "failed"
+        return out
+
+    res = train_converted(source, source_name)
+    # a Vision Transformer too: timm's ViT-S/16 on the GPU, pnnh's ViT in a dry run
+    try:
+        if plan.dry_run:
+            vit_name, vit = "pnnh:vit_mini_d6", create_model("vit_mini_d6", num_classes=1000, in_chans=3,
+                                                             img_size=size, patch_size=8)
+        else:
+            import timm
+
+            vit_name, vit = "timm:vit_small_patch16_224", timm.create_model("vit_small_patch16_224",
+                                                                            img_size=size, pretrained=False)
+    except Exception as e:  # timm missing or too old: the ResNet result stands alone
+        res["vit"] = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
+    else:
+        res["vit"] = train_converted(vit, vit_name)
+        if res["vit"].get("status") == "failed":
+            res["status"] = "failed"
     return res
 
 
