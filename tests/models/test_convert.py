@@ -82,19 +82,25 @@ def test_pnnh_resnets_become_their_registered_twins(name, plain_name, plain_kwar
     assert all(isinstance(b, pnnh.layers.PNNHSequential) for b in twin.blocks())  # blocks() finds the twins
 
 
+def _fit(model, opt, x, y, steps):
+    """Training losses of ``steps`` full-batch steps on one fixed batch."""
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_the_pnnh_twin_of_a_torchvision_resnet_trains():
     torch.manual_seed(0)
     twin = pnnh.convert(TVResNet(TVBasicBlock, [1, 1, 1, 1], num_classes=10), to="pnnh")
     twin = twin.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(twin.parameters(), lr=0.02, momentum=0.9)
     x, y = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.arange(8) % 10
-    losses = []
-    for _ in range(6):
-        loss = F.cross_entropy(twin(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(twin, opt, x, y, steps=6)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -164,14 +170,7 @@ def test_the_pnnh_twin_of_a_timm_vit_trains_and_takes_a_mask():
     torch.manual_seed(0)
     twin = pnnh.convert(TimmViT(qkv_bias=True), to="pnnh").train()
     opt = torch.optim.AdamW(twin.parameters(), lr=2e-3)
-    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(twin(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(twin, opt, torch.randn(16, 1, 28, 28), torch.arange(16) % 10, steps=15)
     assert losses[-1] < 0.5 * losses[0], losses
     block = twin.blocks[0].eval()
     t = torch.randn(2, 5, 48)
