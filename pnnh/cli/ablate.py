@@ -69,12 +69,8 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
             click.echo("".join(c.ljust(w) for c, w in zip(r, widths)) + r[3])
         return
     launch_opts = launch_options_from(launch, threads)
-    try:
-        vs = split_variants(variants)
-        ds = [int(t) for t in depths.split(",") if t.strip()]
-        ss = [int(t) for t in seeds.split(",") if t.strip()]
-    except ValueError as e:
-        raise ConfigError(f"depths and seeds are comma-separated integers: {e}") from None
+    vs = split_variants(variants)
+    ds, ss = _integers(depths, "--depths"), _integers(seeds, "--seeds")
     bs = [t.strip() for t in budgets.split(",") if t.strip()]
     for b in bs + ([select_budget] if select_lr else []):
         if b not in BUDGETS:
