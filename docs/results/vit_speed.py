@@ -1,6 +1,6 @@
 """Side-by-side training throughput of ViT variants, alternating in one process.
 
-Usage: OMP_NUM_THREADS=1 python docs/results/vit_speed.py [--models vit_mini_d12,pnnh_vit_mini_d12:coder=block]
+Usage: OMP_NUM_THREADS=1 python docs/results/vit_speed.py [--models vit_mini_d12,pnnh_vit_mini_d12:coder=sublayer]
        [--rounds 5] [--steps 3]
 Each round times `steps` AdamW training steps (forward, backward, step) of every model in turn
 (A B C A B C ...) on one fixed batch of 128 28x28 images (patch 7). A model is NAME or

@@ -5,7 +5,7 @@ whether its run is ``queued``, ``running`` or ``ended`` and, once ended, why it 
 Whether a run *finished* is never taken from the launcher: the runner reads the run directory.
 
 - :class:`InProcess`: one run after another in this process (``--launcher local --jobs 1``).
-- :class:`LocalProcesses`: up to N worker processes (``python -m pnnh.experiments.worker``),
+- :class:`LocalProcesses`: up to N worker processes (``python -m pnnh.experiments``),
   the cores split between them (``--launcher local --jobs N``).
 - :class:`SlurmJobs`: one Slurm job per run, submitted as a job array through submitit
   (``--launcher slurm``); ``cluster="local"`` uses submitit's local executor instead of sbatch.
@@ -150,7 +150,7 @@ class LocalProcesses:
         for run in runs:
             log_path = self.log_dir / (run.run_id.replace("/", "_") + ".log")
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "pnnh.experiments.worker",
+                proc = subprocess.Popen([sys.executable, "-m", "pnnh.experiments",
                                          json.dumps(_spec(run, marker, self.threads))],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
             handles.append(_Process(proc, log_path))

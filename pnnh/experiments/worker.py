@@ -1,5 +1,5 @@
 """One run of a grid, executed where a launcher puts it: in this process, in a worker process
-(``python -m pnnh.experiments.worker SPEC``) or in a Slurm job (pickled by submitit).
+(``python -m pnnh.experiments SPEC``) or in a Slurm job (pickled by submitit).
 
 A spec is plain JSON: ``{"cfg": TrainConfig fields, "marker": file name or null}``. The run
 directory is the only output; launchers and the runner read results from there.
@@ -38,7 +38,7 @@ def execute(spec: dict[str, Any], on_step: Callable[[int], None] | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pnnh.experiments.worker '<spec JSON>'``: exit 0 when the run finished."""
+    """``python -m pnnh.experiments '<spec JSON>'``: exit 0 when the run finished."""
 
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -47,7 +47,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     print(json.dumps({k: summary.get(k) for k in ("status", "test_acc", "steps", "wall_s")}))
-
-
-if __name__ == "__main__":
-    main()

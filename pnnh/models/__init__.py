@@ -14,7 +14,7 @@ from .timm_registry import register_timm_models
 
 __all__ = ["create_model", "list_models", "register_model", "model_info", "is_model", "ModelInfo", "ResNet",
            "register_timm_models", "is_factory_spec", "load_factory", "model_label", "model_slug",
-           "upgrade_state_dict"]
+           "upgrade_state_dict", "upgrade_model_kwargs"]
 
 
 def upgrade_state_dict(state_dict: dict) -> dict:
@@ -26,3 +26,18 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     the same upgrades in their ``load_state_dict`` hooks.
     """
     return vit.split_joint_in_proj(pnnh_cnn.upgrade_state_dict(state_dict))
+
+
+def upgrade_model_kwargs(name: str, kwargs: dict, keys) -> dict:
+    """The options that rebuild model ``name`` for a saved state dict with keys ``keys``.
+
+    A file records the options its model was built with, not the defaults it relied on. A PNNH ViT
+    saved without a ``coder`` option gets the coder its weights hold
+    (:func:`pnnh.models.vit.saved_coder`), so a sub-layer PNNH ViT saved when that was the default
+    loads as what it is.
+    """
+    if is_model(name) and model_info(name).family == "pnnh_vit" and "coder" not in kwargs:
+        coder = vit.saved_coder(keys)
+        if coder is not None:
+            return {**kwargs, "coder": coder}
+    return kwargs

@@ -8,17 +8,17 @@ One configurable class, :class:`VisionTransformer`, builds every member of the f
   ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
 - ``"plain"`` (:class:`PlainBlock`): the same layers with both residual adds removed,
   ``x = attn(norm1(x)); x = mlp(norm2(x))``.
-- ``"pnnh"`` with ``coder="sublayer"`` (:class:`PNNHBlock`, the default): each sub-layer is one
-  *plain* PNNH layer. A *learner* (the attention heads, or the MLP's GELU hidden units) reads the
-  normalised token; a weight-sharing mirrored *coder* ``[relu(E x), relu(-E x)]`` reads the raw
-  token; the sub-layer's output projection reads the concatenation of both. There is no
-  ``x + f(x)``: the input reaches the output only through ``E``, a ReLU and the projection. ``E``
-  and the projection's coder columns start *looks-linear* (``E = I``, columns ``[I, -I]``), so at
-  initialisation the coder carries its input across the non-linearity unchanged; they are stored
-  divided by ``coder_gain`` so Adam does not scramble that identity.
-- ``"pnnh"`` with ``coder="block"`` (:class:`PNNHParallelBlock`): the whole block is ONE plain
-  PNNH layer; attention heads and MLP units side by side are the learner, one mirrored coder's
-  code takes ``2 coder_dim`` of the MLP's hidden units. 0.91x the residual block's weights.
+- ``"pnnh"`` with ``coder="block"`` (:class:`PNNHParallelBlock`, the default): the whole block is
+  ONE *plain* PNNH layer. Attention heads and MLP units side by side are the *learner* (they read
+  the normalised token); a weight-sharing mirrored *coder* ``[relu(E x), relu(-E x)]`` reads the
+  raw token and takes ``2 coder_dim`` of the MLP's hidden units; one output projection reads all
+  of them. There is no ``x + f(x)``: the input reaches the output only through ``E``, a ReLU and
+  the projection. ``E`` and the projection's coder columns start *looks-linear* (``E = I``,
+  columns ``[I, -I]``), so at initialisation the coder carries its input across the
+  non-linearity unchanged; they are stored divided by ``coder_gain`` so Adam does not scramble
+  that identity. 0.91x the residual block's weights, the residual ViT's training speed.
+- ``"pnnh"`` with ``coder="sublayer"`` (:class:`PNNHBlock`): attention and MLP are each one plain
+  PNNH layer with its own coder; 1.49x the residual block's weights.
 - ``"dirac"`` (:class:`DiracBlock`): the plain block with every linear ``W = a I + b V/|V|``
   (DiracNets), a rival.
 - ``"skipless"`` (:class:`SkiplessBlock`): a skipless parallel block with shaped or value-SkipInit
@@ -49,7 +49,8 @@ from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_par
 
 __all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
-           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit", "split_joint_in_proj"]
+           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit", "split_joint_in_proj",
+           "saved_coder"]
 
 
 def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
@@ -360,6 +361,13 @@ def split_joint_in_proj(state_dict: dict) -> dict:
     return out
 
 
+def saved_coder(keys) -> str | None:
+    """The ``coder`` of the PNNH ViT whose state-dict keys are ``keys``: ``"sublayer"`` (blocks hold
+    ``coder1``/``coder2``), ``"block"`` (one ``coder`` per block) or ``None`` (no PNNH block)."""
+    leaves = {k.split(".")[2] for k in keys if k.startswith("layers.") and k.count(".") >= 3}
+    return "sublayer" if "coder1" in leaves else "block" if "coder" in leaves else None
+
+
 class PNNHParallelBlock(nn.Module):
     """One plain PNNH layer per block: attention heads and MLP units side by side as the learner.
 
@@ -570,7 +578,7 @@ class SkiplessBlock(nn.Module):
 
 BLOCKS = {"residual": Block, "plain": PlainBlock, "pnnh": PNNHBlock, "dirac": DiracBlock,
           "skipless": SkiplessBlock}
-PNNH_CODERS = {"sublayer": PNNHBlock, "block": PNNHParallelBlock}  # the ``coder`` option of PNNH ViTs
+PNNH_CODERS = {"block": PNNHParallelBlock, "sublayer": PNNHBlock}  # the ``coder`` option of PNNH ViTs
 
 
 class VisionTransformer(PooledClassifierHead, nn.Module):
@@ -584,9 +592,9 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
             ``"dirac"`` (plain, ``W = a I + b V/|V|``) or ``"skipless"`` (shaped attention).
         global_pool: ``"token"`` (class token, the ViT/DeiT default) or ``"avg"`` (mean of patch
             tokens, no class token).
-        coder: PNNH only (an error elsewhere): ``"sublayer"`` (a coder in attention and in the MLP,
-            :class:`PNNHBlock`) [default] or ``"block"`` (one PNNH layer per block,
-            :class:`PNNHParallelBlock`).
+        coder: PNNH only (an error elsewhere): ``"block"`` (one PNNH layer per block,
+            :class:`PNNHParallelBlock`) [default] or ``"sublayer"`` (a coder in attention and in
+            the MLP, :class:`PNNHBlock`).
         coder_ratio: PNNH only: coder width as a fraction of ``embed_dim``
             [1.0: carries every token channel; smaller values carry the first
             ``round(ratio * dim)`` channels and cost less].
@@ -627,7 +635,7 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
         if block != "skipless" and attn_shape is not None:
             raise ConfigError(f"attn_shape is an option of skipless ViTs (skipless_vit_*); a {block} ViT has "
                               f"softmax attention")
-        coder = "sublayer" if coder is None else coder
+        coder = "block" if coder is None else coder
         coder_ratio = 1.0 if coder_ratio is None else coder_ratio
         coder_gain = 0.1 if coder_gain is None else coder_gain
         if coder not in PNNH_CODERS:
@@ -741,7 +749,7 @@ def vit(size: str = "tiny", depth: int = 12, block: str = "residual", **kwargs) 
 
 _DOCS = {"residual": "ViT-{S}, depth {d}: pre-norm residual blocks (ViT/DeiT).",
          "plain": "Plain ViT-{S}, depth {d}: the residual ViT's layers with both residual adds removed.",
-         "pnnh": "PNNH ViT-{S}, depth {d}: learner + mirrored weight-sharing coder in attention and MLP, no residual add.",
+         "pnnh": "PNNH ViT-{S}, depth {d}: each block one plain PNNH layer (heads + MLP units learn, a mirrored coder carries), no residual add.",
          "dirac": "DiracNet-style plain ViT-{S}, depth {d}: W = a I + b V/|V| in every block linear, no residual add.",
          "skipless": "Skipless ViT-{S}, depth {d}: parallel block, shaped attention a I + b softmax - c U, no skip."}
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
-from ..models import create_model, upgrade_state_dict
+from ..models import create_model, upgrade_model_kwargs, upgrade_state_dict
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
@@ -235,6 +235,9 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             details.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
         if shape:
             details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
+        coders = {k.split(".")[2] for k in unexpected if k.startswith("layers.") and k.count(".") >= 3}
+        if "coder1" in coders and own_name and own_name.startswith("pnnh_vit"):
+            details.append("the checkpoint holds a sub-layer PNNH ViT: build the model with coder='sublayer'")
         if missing and all(k.rsplit(".", 1)[-1] in ("path", "alpha", "beta") for k in missing):
             details.append("the checkpoint's PNNH layers keep the internal path in the init only: build the "
                            "model with path_param='init'")
@@ -272,11 +275,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     """
 
     path = Path(path)
-    meta = read_metadata(path)
+    header, _ = _read(path, header_only=True)
+    meta = _decode_metadata(path, header)
     name, kwargs = meta.get("model"), meta.get("model_kwargs")
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise CheckpointError(f"{path} does not record which model it holds (no model name and options)")
-    model = create_model(name, **kwargs)
+    keys = [k[len("model."):] for k in header if k.startswith("model.")]
+    model = create_model(name, **upgrade_model_kwargs(name, kwargs, keys))
     load_weights(path, model)
     cfg = dict(getattr(model, "default_cfg", None) or {})
     cfg.update(data_cfg(meta))

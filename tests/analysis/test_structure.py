@@ -198,9 +198,10 @@ def test_a_resnet_of_projection_blocks_only_is_not_plain():
     assert {f.shape for f in found} == {(2, 8, 16, 16), (2, 16, 8, 8)}
 
 
-@pytest.mark.parametrize("name", ["plain_vit_mini_d6", "pnnh_vit_mini_d6", "plain_vit_tiny_d12", "pnnh_vit_tiny_d12"])
-def test_plain_and_pnnh_vits_have_no_residual_connection(name):
-    assert find_residual_connections(pnnh.create_model(name)) == []
+@pytest.mark.parametrize("name,kw", [("plain_vit_mini_d6", {}), ("pnnh_vit_mini_d6", {}), ("plain_vit_tiny_d12", {}),
+                                     ("pnnh_vit_tiny_d12", {}), ("pnnh_vit_tiny_d12", {"coder": "sublayer"})])
+def test_plain_and_pnnh_vits_have_no_residual_connection(name, kw):
+    assert find_residual_connections(pnnh.create_model(name, **kw)) == []
 
 
 def test_residual_vit_fails_with_two_adds_per_block():

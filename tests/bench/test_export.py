@@ -77,7 +77,7 @@ def test_missing_onnxruntime_gives_the_install_hint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,kw", [("pnnh20", {}), ("pnnh20", {"path_param": "init"}), ("llplain20", {}),
                                      ("pnnh_vit_mini_d6", {"embed_dim": 24, "num_heads": 2}),
-                                     ("pnnh_vit_mini_d6", {"embed_dim": 24, "num_heads": 2, "coder": "block"}),
+                                     ("pnnh_vit_mini_d6", {"embed_dim": 24, "num_heads": 2, "coder": "sublayer"}),
                                      ("dirac_vit_mini_d6", {"embed_dim": 24, "num_heads": 2}),
                                      ("plain_vit_mini_d6", {"embed_dim": 24, "num_heads": 2})])
 def test_pnnh_looks_linear_and_vit_models_export_with_parity(tmp_path, name, kw):

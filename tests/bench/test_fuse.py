@@ -219,7 +219,7 @@ def _parameter_only_calls(gm: torch.fx.GraphModule) -> list[str]:
 
 
 @pytest.mark.parametrize("name,kwargs", [("vit_mini_d6", {}), ("pnnh_vit_mini_d6", {}),
-                                         ("pnnh_vit_mini_d6", {"coder": "block"}), ("dirac_vit_mini_d6", {})])
+                                         ("pnnh_vit_mini_d6", {"coder": "sublayer"}), ("dirac_vit_mini_d6", {})])
 def test_deployed_vits_compute_their_parameter_only_terms_once(name, kwargs):
     model = pnnh.create_model(name, **kwargs)
     with torch.no_grad():  # away from the identity-like init, as after training
@@ -262,8 +262,8 @@ def test_constant_folding_keeps_random_and_input_dependent_work():
     torch.testing.assert_close(deployed(x), ref)
 
 
-@pytest.mark.parametrize("name,kwargs,shortcuts", [("pnnh_vit_mini_d6", {"coder": "block"}, 0),
-                                                    ("pnnh_vit_mini_d6", {}, 0), ("dirac_vit_mini_d6", {}, 0),
+@pytest.mark.parametrize("name,kwargs,shortcuts", [("pnnh_vit_mini_d6", {}, 0),
+                                                    ("pnnh_vit_mini_d6", {"coder": "sublayer"}, 0), ("dirac_vit_mini_d6", {}, 0),
                                                     ("pnnh20", {}, 0), ("plain20", {"init": "dirac_param"}, 0),
                                                     ("vit_mini_d6", {}, 12), ("resnet20", {}, 9)])
 def test_deployment_keeps_what_the_structure_check_finds(name, kwargs, shortcuts):

@@ -125,6 +125,7 @@ def test_local_workers_give_the_same_results_and_resume_a_killed_worker(referenc
     log = _kill_then_resume(cmd, out, _env(), reference)
     assert "launching 2 runs on 2 worker processes of 1 thread" in log
     assert "killed by signal 9" in log and (out / "logs" / "resnet8-s0.log").exists()
+    assert "Warning" not in (out / "logs" / "plain8-s0.log").read_text()  # a worker's log holds its run only
 
     # a finished study trains nothing, whatever the launcher: no worker is started
     summaries = sorted(out.glob("runs/*/summary.json"))

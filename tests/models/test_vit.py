@@ -30,7 +30,7 @@ def test_registry_names_families_and_depths():
             info = pnnh.model_info(n)
             assert info.layout == "vit" and info.depth == int(n.rsplit("_d", 1)[1])
     m = pnnh.create_model("pnnh_vit_tiny_d6")
-    assert m.embed_dim == 192 and len(m.blocks()) == 6 and all(isinstance(b, PNNHBlock) for b in m.blocks())
+    assert m.embed_dim == 192 and len(m.blocks()) == 6 and all(isinstance(b, PNNHParallelBlock) for b in m.blocks())
     assert all(isinstance(b, PlainBlock) for b in pnnh.create_model("plain_vit_mini_d6").blocks())
     assert all(isinstance(b, PNNHParallelBlock) for b in pnnh.create_model("pnnh_vit_mini_d6", coder="block").blocks())
     assert all(isinstance(b, DiracBlock) for b in pnnh.create_model("dirac_vit_mini_d6").blocks())
@@ -39,7 +39,7 @@ def test_registry_names_families_and_depths():
         pnnh.create_model("vit_mini_d6", depth=3)
 
 
-@pytest.mark.parametrize("block,kw", [("residual", {}), ("plain", {}), ("pnnh", {}), ("pnnh", {"coder": "block"}),
+@pytest.mark.parametrize("block,kw", [("residual", {}), ("plain", {}), ("pnnh", {"coder": "sublayer"}), ("pnnh", {}),
                                       ("dirac", {}), ("skipless", {}), ("skipless", {"attn_shape": "value_skipinit"})])
 @pytest.mark.parametrize("pool,patch,tokens", [("token", 7, 1 + 16), ("avg", 4, 49)])
 def test_shapes_and_pooling(block, kw, pool, patch, tokens):
@@ -100,7 +100,7 @@ def test_bad_options_are_config_errors():
         pnnh.create_model("vit_mini_d6", coder_gain=0.1)
     with pytest.raises(ConfigError, match="options of PNNH ViTs"):
         pnnh.create_model("skipless_vit_mini_d6", coder="block")
-    with pytest.raises(ConfigError, match="unknown coder 'tied'; use sublayer, block"):
+    with pytest.raises(ConfigError, match="unknown coder 'tied'; use block, sublayer"):
         small("pnnh", coder="tied")
     with pytest.raises(ConfigError, match="leaving no learner units"):
         small("pnnh", coder="block", mlp_ratio=2)
@@ -116,7 +116,7 @@ def test_bad_options_are_config_errors():
         small("highway")
 
 
-@pytest.mark.parametrize("block,kw", [("residual", {}), ("pnnh", {}), ("pnnh", {"coder": "block"})])
+@pytest.mark.parametrize("block,kw", [("residual", {}), ("pnnh", {"coder": "sublayer"}), ("pnnh", {})])
 def test_drop_path_is_identity_in_eval_and_random_in_train(block, kw):
     torch.manual_seed(0)
     a = small(block, drop_path_rate=0.5, depth=3, **kw)
@@ -181,17 +181,24 @@ def test_pnnh_block_equals_residual_block_at_init():
     assert not torch.allclose(pn(x), res(x), atol=1e-3)
 
 
-def test_every_pnnh_vit_starts_with_looks_linear_coders():
-    m = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7)
+@pytest.mark.parametrize("coder", ["block", "sublayer"])
+def test_every_pnnh_vit_starts_with_looks_linear_coders(coder):
+    m = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder)
     eye = torch.eye(96)
     for b in m.blocks():
-        for c in (b.coder1, b.coder2):
+        coders, proj = ((b.coder,), b.proj) if coder == "block" else ((b.coder1, b.coder2), b.attn.proj)
+        for c in coders:
             assert c.gain == 0.1
             torch.testing.assert_close(c.enc * c.gain, eye)
             torch.testing.assert_close(c.dec * c.gain, torch.cat([eye, -eye], 1))
-        assert b.attn.proj.weight.std() < 0.03  # learner: timm's trunc-normal(0.02)
-    half = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder_ratio=0.5)
-    assert half.blocks()[0].coder1.enc.shape == (48, 96)
+        assert proj.weight.std() < 0.03  # learner: timm's trunc-normal(0.02)
+    half = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder_ratio=0.5, coder=coder).blocks()[0]
+    assert (half.coder if coder == "block" else half.coder1).enc.shape == (48, 96)
+
+
+def test_the_default_pnnh_vit_is_the_block_coder():
+    assert pnnh.create_model("pnnh_vit_mini_d12", patch_size=7).coder == "block"
+    assert all(isinstance(b, PNNHParallelBlock) for b in pnnh.create_model("pnnh_vit_mini_d6").blocks())
 
 
 def _adds_and_cats(module: nn.Module) -> list[torch.fx.Node]:
@@ -230,10 +237,13 @@ def test_plain_vit_collapses_tokens_at_init_pnnh_and_residual_do_not():
 
 
 def test_param_count_formula():
-    """Per PNNH block the two coders add 3 * dim * coder_dim weights each (E, and the +/- decoder columns)."""
-    r, p = small("residual"), small("pnnh")
+    """Per sub-layer PNNH block the two coders add 3 * dim * coder_dim weights each (E, and the +/- decoder
+    columns); a block-coder PNNH block holds 11 dim^2 weights against the residual block's 12 dim^2 (and
+    5 dim fewer biases and norm weights: no fc2 bias, one LayerNorm)."""
+    r, sub, blk = small("residual"), small("pnnh", coder="sublayer"), small("pnnh")
     n = lambda m: sum(q.numel() for q in m.parameters())
-    assert n(p) - n(r) == 2 * 2 * 3 * 32 * 32
+    assert n(sub) - n(r) == 2 * 2 * 3 * 32 * 32
+    assert n(r) - n(blk) == 2 * (32 * 32 + 5 * 32)
     assert n(small("plain")) == n(r)
 
 

@@ -209,7 +209,7 @@ def test_dry_run_into_a_new_directory_reports_every_run_missing(tmp_path, capsys
 def test_vit_variants_name_registered_models():
     import pnnh
 
-    for label in ("vit", "plain-vit", "pnnh-vit", "pnnh-vit-block", "dirac-vit", "skipless-vit", "skipless-vit-vsi"):
+    for label in ("vit", "plain-vit", "pnnh-vit-sublayer", "pnnh-vit-block", "dirac-vit", "skipless-vit", "skipless-vit-vsi"):
         v = VARIANTS[label]
         pnnh.create_model(v.model(12), **v.kwargs)
 

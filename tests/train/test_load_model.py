@@ -73,3 +73,23 @@ def test_run_files_and_their_onnx_export_record_classes_and_normalisation(fmnist
     info = export_onnx(pnnh.create_model("plain8", width=0.25), tmp_path / "p8.onnx", check=False)
     assert read_onnx_metadata(tmp_path / "p8.onnx") == info["metadata"] == {
         "model": "plain8", "model_kwargs": {"num_classes": 10, "in_chans": 1, "width": 0.25}, "input_size": [1, 28, 28]}
+
+
+def test_a_pnnh_vit_file_that_names_no_coder_loads_as_the_coder_its_weights_hold(tmp_path):
+    """Files record the options a model was built with; a PNNH ViT saved without ``coder`` (the sub-layer
+    design was once the default) rebuilds as the coder its weights hold, and loading it into the
+    block-coder default names the option that fits."""
+    from pnnh.train.checkpoint import load_weights, save_weights
+
+    kw = dict(embed_dim=24, num_heads=2, patch_size=7)
+    for coder in ("sublayer", "block"):
+        model = pnnh.create_model("pnnh_vit_mini_d6", coder=coder, **kw).eval()
+        del model.pnnh_kwargs["coder"]
+        save_weights(tmp_path / f"{coder}.safetensors", model)
+        loaded = pnnh.load_model(tmp_path / f"{coder}.safetensors")
+        assert loaded.coder == coder
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(pnnh.CheckpointError, match="sub-layer PNNH ViT: build the model with coder='sublayer'"):
+        load_weights(tmp_path / "sublayer.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
