@@ -32,6 +32,7 @@ from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
 from ..models import create_model, upgrade_model_kwargs, upgrade_state_dict
+from ..models.vit import saved_coder
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
@@ -235,8 +236,7 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             details.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
         if shape:
             details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
-        coders = {k.split(".")[2] for k in unexpected if k.startswith("layers.") and k.count(".") >= 3}
-        if "coder1" in coders and own_name and own_name.startswith("pnnh_vit"):
+        if saved_coder(unexpected) == "sublayer" and own_name and own_name.startswith("pnnh_vit"):
             details.append("the checkpoint holds a sub-layer PNNH ViT: build the model with coder='sublayer'")
         if missing and all(k.rsplit(".", 1)[-1] in ("path", "alpha", "beta") for k in missing):
             details.append("the checkpoint's PNNH layers keep the internal path in the init only: build the "
