@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -242,8 +243,12 @@ def run_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         timing["lesion"] = time.perf_counter() - t
         _log(log, f"lesion study: {timing['lesion']:.1f}s")
     else:
-        result["lesion"] = {"skipped": "no labels" if labels is None else "the model has no blocks" if not blocks else
-                            "untrained model (accuracy is chance level at init); pass lesion=True / --lesion to force"}
+        why = ("no labels" if labels is None else "the model has no blocks" if not blocks else
+               "not requested (lesion=False)" if c.lesion is False else
+               "untrained model (BatchNorm statistics at their initial values); pass lesion=True / --lesion to force"
+               if stats_mode != "none" else
+               "no BatchNorm statistics show whether the model is trained; pass lesion=True / --lesion to run it")
+        result["lesion"] = {"skipped": why}
     result["path_lengths"] = path_length_distribution(n_res)
     if n_res:  # the paths weighted by each branch's BN scale and measured size (Littwin & Wolf)
         t = time.perf_counter()
@@ -319,6 +324,6 @@ def summarize(result: dict[str, Any]) -> str:
         accs = [d["acc"] for d in les["delete"] if d["acc"] is not None]
         if accs:
             lines.append(f"  lesion: baseline {les['baseline'] * 100:.1f}%, single deletions "
-                         f"{min(accs) * 100:.1f}-{max(accs) * 100:.1f}% (median {sorted(accs)[len(accs) // 2] * 100:.1f}%)")
+                         f"{min(accs) * 100:.1f}-{max(accs) * 100:.1f}% (median {statistics.median(accs) * 100:.1f}%)")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timing_s"].items()))
     return "\n".join(lines)

@@ -75,10 +75,12 @@ def plot_diagnostics(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.plot(d, [r["frac_pos"] for r in layers], "o", ms=3, label="measured P(pre-act > 0)")
         ax.plot(d, [r["cantelli"] for r in layers], "v", ms=3, label="Cantelli bound (layer moments)")
         ax.plot(d, [r["cantelli_channel"] for r in layers], "^", ms=3, label="Cantelli bound (per channel)")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no ReLU pre-activation probed", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("depth (weight layers)")
     ax.set_title("surviving neurons in this model", fontsize=9)
-    ax.legend(fontsize=7)
     if "theory" in surv:
         th = surv["theory"]
         ax = axes[0][1]

@@ -35,7 +35,7 @@ __all__ = ["diagnose_cmd"]
               help="Block outputs, or every activation (auto: layers for plain nets, blocks otherwise).")
 @click.option("--norm-stats", default="auto", show_default=True, type=click.Choice(["auto", "batch", "running"]),
               help="BatchNorm statistics: of the diagnostic batch (auto at init) or the stored running ones.")
-@click.option("--lesion/--no-lesion", default=None, help="Lesion study [default: only for trained models].")
+@click.option("--lesion/--no-lesion", default=None, help="Lesion study [default: with --checkpoint, or for a model whose BatchNorm statistics show training].")
 @click.option("--lesion-images", type=int, help="Lesion study on the first N images only (it costs ~2 forwards per block).")
 @click.option("--gradients/--no-gradients", default=True, show_default=True, help="Shattered-gradients measurement.")
 @click.option("--dists-vgg", type=click.Path(dir_okay=False), help="Local VGG16 weights, enables DISTS.")
@@ -76,6 +76,8 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
     x, y = x.to(dev), y.to(dev)
     kwargs = parse_kv(model_kwarg, "--model-kwarg")
+    if lesion is None and checkpoint:
+        lesion = True  # a checkpoint holds trained weights, with or without BatchNorm to show it
     config = DiagnoseConfig(probes=probes, norm_stats=norm_stats, lesion=lesion, lesion_images=lesion_images,
                             gradients=gradients, seed=seed)
     results = {}

@@ -101,6 +101,13 @@ def test_cli_fresh_model_and_checkpoint(fmnist_dir, tmp_path, capsys):
     assert r["model"] == "resnet20" and r["model_kwargs"]["width"] == 0.25
     assert len(r["lesion"]["delete"]) == 9 and r["checkpoint"] == str(ckpt)
     assert "resnet20" in capsys.readouterr().out
+    # a checkpoint is trained: the lesion study runs by default, also without BatchNorm to show it
+    vit = tmp_path / "vit.safetensors"
+    save_weights(vit, pnnh.create_model("vit_mini_d6"))
+    main(["diagnose", "--checkpoint", str(vit), "--images", "32", "--no-gradients",
+          "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "vit"), "--no-plots"])
+    r = json.loads((tmp_path / "vit" / "diagnostics.json").read_text())
+    assert r["norm_stats"] == "none" and len(r["lesion"]["delete"]) == 6
 
 
 def test_cli_user_errors(fmnist_dir, tmp_path, capsys):
@@ -124,4 +131,7 @@ def test_lesion_runs_by_default_only_for_trained_models(images):
         m(x[:64])  # moves the BatchNorm running statistics, as training does
     r = diagnose(m, x[:32], y[:32], **kw)
     assert r["norm_stats"] == "running" and len(r["lesion"]["delete"]) == 9
+    assert diagnose(m, x[:32], y[:32], lesion=False, **kw)["lesion"]["skipped"].startswith("not requested")
+    vit = pnnh.create_model("vit_mini_d6")  # no BatchNorm: nothing tells whether it is trained
+    assert "no BatchNorm" in diagnose(vit, x[:32], y[:32], **kw)["lesion"]["skipped"]
     assert 0 <= r["lesion"]["baseline"] <= 1
