@@ -49,8 +49,11 @@ from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_par
 
 __all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
-           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "FAMILIES", "SIZES", "DEPTHS", "vit", "split_joint_in_proj",
-           "saved_coder"]
+           "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "VIT_PATH_PARAMS", "FAMILIES", "SIZES", "DEPTHS", "vit",
+           "split_joint_in_proj", "saved_coder"]
+
+
+VIT_PATH_PARAMS = ("init", "param")  # the ``path_param`` option of PNNH ViTs (:class:`MirrorCoder`)
 
 
 def check_input_size(x: torch.Tensor, img_size: int, patch_size: int) -> None:
@@ -158,20 +161,43 @@ class MirrorCoder(nn.Module):
     equalised-learning-rate reparametrisation: with Adam every stored entry moves by about the
     learning rate per step, so the coder's effective step is ``gain`` times the learner's. The
     function at init does not depend on ``gain``.
+
+    ``path_param`` says where the looks-linear path lives. ``"init"``: only in the initial values
+    of ``enc`` and ``dec``; weight decay shrinks them towards zero like any weight, and with them
+    the input each block carries (measured in docs/vit.md). ``"param"``: in the parametrisation,
+    ``E = E0 + gain * enc`` and
+    ``D = D0 + gain * dec`` with the looks-linear ``E0, D0`` fixed buffers and ``enc, dec`` trained
+    from zero: the same function, the same gradients, but weight decay pulls the coder back to the
+    identity path instead of erasing it (the residual stream's identity cannot decay either).
     """
 
-    def __init__(self, dim: int, coder_dim: int, gain: float = 1.0):
+    def __init__(self, dim: int, coder_dim: int, gain: float = 1.0, path_param: str = "init"):
         super().__init__()
         if gain <= 0:
             raise ConfigError(f"coder_gain must be > 0, got {gain}")
-        self.dim, self.coder_dim, self.gain = dim, coder_dim, gain
+        if path_param not in VIT_PATH_PARAMS:
+            raise ConfigError(f"unknown path_param {path_param!r}; use {', '.join(VIT_PATH_PARAMS)}")
+        self.dim, self.coder_dim, self.gain, self.path_param = dim, coder_dim, gain, path_param
         self.enc = nn.Parameter(torch.empty(coder_dim, dim))
         self.dec = nn.Parameter(torch.empty(dim, 2 * coder_dim))
+        if path_param == "param":
+            self.register_buffer("enc_path", torch.empty(coder_dim, dim))
+            self.register_buffer("dec_path", torch.empty(dim, 2 * coder_dim))
         self.init_looks_linear_()
+
+    def encoder_weight(self) -> torch.Tensor:
+        """``E`` (``coder_dim x dim``)."""
+        w = self.enc * self.gain
+        return w + self.enc_path if self.path_param == "param" else w
+
+    def decoder_weight(self) -> torch.Tensor:
+        """``D = [D+, D-]`` (``dim x 2 coder_dim``)."""
+        w = self.dec * self.gain
+        return w + self.dec_path if self.path_param == "param" else w
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``E x``, the code before the mirrored ReLU."""
-        return F.linear(x, self.enc * self.gain)
+        return F.linear(x, self.encoder_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The code ``[relu(E x), relu(-E x)]``, shape ``(..., 2 * coder_dim)``."""
@@ -180,7 +206,7 @@ class MirrorCoder(nn.Module):
 
     def consumer_weight(self, consumer: nn.Linear) -> torch.Tensor:
         """``[W | D+ | D-]``: the consumer's weight with the coder's decoder columns appended."""
-        return torch.cat([consumer.weight, self.dec * self.gain], dim=1)
+        return torch.cat([consumer.weight, self.decoder_weight()], dim=1)
 
     def consumer_weight_rebased(self, consumer: nn.Linear) -> torch.Tensor:
         """``[W | D+ + D- | -D-]``: the weight that reads ``[h ; relu(e) ; e]`` as ``[W | D] [h ; code]``.
@@ -189,7 +215,7 @@ class MirrorCoder(nn.Module):
         the same function of the same parameters (gradients reach ``D+`` and ``D-`` through this
         expression), with one ReLU instead of a mirrored pair.
         """
-        dec = self.dec * self.gain
+        dec = self.decoder_weight()
         pos, neg = dec[:, :self.coder_dim], dec[:, self.coder_dim:]
         return torch.cat([consumer.weight, pos + neg, -neg], dim=1)
 
@@ -203,13 +229,21 @@ class MirrorCoder(nn.Module):
 
     @torch.no_grad()
     def init_looks_linear_(self) -> None:
-        """``E`` = first ``coder_dim`` identity rows; ``D = [E^T, -E^T]`` (stored divided by ``gain``)."""
+        """``E`` = first ``coder_dim`` identity rows; ``D = [E^T, -E^T]`` (stored divided by ``gain``,
+        or held in ``enc_path``/``dec_path`` with ``enc``, ``dec`` zero under ``path_param="param"``)."""
         eye = torch.eye(self.coder_dim, self.dim, dtype=self.enc.dtype, device=self.enc.device)
-        self.enc.copy_(eye / self.gain)
-        self.dec.copy_(torch.cat([eye.t(), -eye.t()], dim=1) / self.gain)
+        dec = torch.cat([eye.t(), -eye.t()], dim=1)
+        if self.path_param == "param":
+            self.enc_path.copy_(eye)
+            self.dec_path.copy_(dec)
+            self.enc.zero_()
+            self.dec.zero_()
+        else:
+            self.enc.copy_(eye / self.gain)
+            self.dec.copy_(dec / self.gain)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, coder_dim={self.coder_dim}, gain={self.gain}"
+        return f"dim={self.dim}, coder_dim={self.coder_dim}, gain={self.gain}, path_param={self.path_param!r}"
 
 
 def _coder_dim(dim: int, coder_dim: int | None) -> int:
@@ -274,17 +308,17 @@ class PNNHBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 1.0):
+                 coder_dim: int | None = None, coder_gain: float = 1.0, path_param: str = "init"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop=0.0)
-        self.coder1 = MirrorCoder(dim, coder_dim, coder_gain)
+        self.coder1 = MirrorCoder(dim, coder_dim, coder_gain, path_param)
         self.drop1 = nn.Dropout(proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
-        self.coder2 = MirrorCoder(dim, coder_dim, coder_gain)
+        self.coder2 = MirrorCoder(dim, coder_dim, coder_gain, path_param)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def init_coders_(self) -> None:
@@ -386,7 +420,7 @@ class PNNHParallelBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 1.0):
+                 coder_dim: int | None = None, coder_gain: float = 1.0, path_param: str = "init"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         if dim % num_heads:
@@ -403,7 +437,7 @@ class PNNHParallelBlock(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)  # W1
         self.act = nn.GELU()
         self.proj = nn.Linear(dim + hidden, dim)  # [P | W2]
-        self.coder = MirrorCoder(dim, coder_dim, coder_gain)
+        self.coder = MirrorCoder(dim, coder_dim, coder_gain, path_param)
         self.drop = nn.Dropout(proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fused = proj_drop == 0 and drop_path == 0  # no dropout on the learner: one-buffer features
@@ -601,6 +635,9 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
         coder_gain: PNNH only: the coder's parameters are stored divided by this gain, so under
             Adam the coder moves ``coder_gain`` times as fast as the learner [0.1]; see
             :class:`MirrorCoder`.
+        path_param: PNNH only: ``"init"`` (the coder's identity path only in its initial weights,
+            which weight decay shrinks) [default] or ``"param"`` (the path a fixed term of the
+            coder's weights, which weight decay pulls the coder back to); see :class:`MirrorCoder`.
         attn_shape: skipless only: ``"shaped"`` [default] or ``"value_skipinit"``; see
             :class:`ShapedAttention`.
         drop_rate: dropout before the classifier. pos_drop_rate: after adding the position embedding.
@@ -615,7 +652,7 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, block: str = "residual", global_pool: str = "token",
                  coder: str | None = None, coder_ratio: float | None = None, coder_gain: float | None = None,
-                 attn_shape: str | None = None, drop_rate: float = 0.0,
+                 path_param: str | None = None, attn_shape: str | None = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
         super().__init__()
@@ -629,15 +666,16 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
                         ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
             if not 0 <= p < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {p}")
-        if block != "pnnh" and (coder is not None or coder_ratio is not None or coder_gain is not None):
-            raise ConfigError(f"coder, coder_ratio and coder_gain are options of PNNH ViTs (pnnh_vit_*); "
-                              f"a {block} ViT has no coder")
+        if block != "pnnh" and any(o is not None for o in (coder, coder_ratio, coder_gain, path_param)):
+            raise ConfigError(f"coder, coder_ratio, coder_gain and path_param are options of PNNH ViTs "
+                              f"(pnnh_vit_*); a {block} ViT has no coder")
         if block != "skipless" and attn_shape is not None:
             raise ConfigError(f"attn_shape is an option of skipless ViTs (skipless_vit_*); a {block} ViT has "
                               f"softmax attention")
         coder = "block" if coder is None else coder
         coder_ratio = 1.0 if coder_ratio is None else coder_ratio
         coder_gain = 0.1 if coder_gain is None else coder_gain
+        path_param = "init" if path_param is None else path_param
         if coder not in PNNH_CODERS:
             raise ConfigError(f"unknown coder {coder!r}; use {', '.join(PNNH_CODERS)}")
         if not 0 < coder_ratio <= 1:
@@ -648,7 +686,7 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
         self.coder = coder if block == "pnnh" else None
         block_cls = PNNH_CODERS[coder] if block == "pnnh" else BLOCKS[block]
         if block == "pnnh":
-            extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain)
+            extra = dict(coder_dim=max(1, round(coder_ratio * embed_dim)), coder_gain=coder_gain, path_param=path_param)
         elif block == "skipless":
             extra = dict(attn_shape="shaped" if attn_shape is None else attn_shape)
         else:

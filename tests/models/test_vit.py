@@ -164,6 +164,37 @@ def test_coder_gain_scales_the_adam_step_not_the_function():
     assert steps[1.0] == pytest.approx(1e-2, rel=1e-3) and steps[0.1] == pytest.approx(1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("coder", ["block", "sublayer"])
+def test_path_param_keeps_the_function_and_gradients_but_decays_to_the_identity(coder):
+    """``path_param="param"``: E = E0 + gain * enc. The same model and gradients as ``"init"``;
+    AdamW's decay then pulls the coder to the looks-linear path instead of shrinking it to zero."""
+    torch.manual_seed(0)
+    a = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder)
+    b = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder, path_param="param")
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if ".coder" not in k}, strict=False)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    for m in (a, b):
+        nn.functional.cross_entropy(m(x), y).backward()
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6)
+    assert len(b.state_dict()) == len(a.state_dict()) + 2 * (6 if coder == "block" else 12)  # the fixed paths
+    c = (b.blocks()[0].coder if coder == "block" else b.blocks()[0].coder1)
+    ca = (a.blocks()[0].coder if coder == "block" else a.blocks()[0].coder1)
+    for m, coder_ in ((a, ca), (b, c)):  # decay alone (no loss): "init" shrinks E, "param" keeps it
+        opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5)
+        for _ in range(5):
+            opt.zero_grad(set_to_none=False)
+            opt.step()
+    torch.testing.assert_close(c.encoder_weight(), torch.eye(96))
+    assert ca.encoder_weight().diagonal().max() < 0.8
+    with pytest.raises(ConfigError, match="path_param"):
+        pnnh.create_model("pnnh_vit_mini_d6", path_param="dirac")
+    with pytest.raises(ConfigError, match="path_param"):
+        pnnh.create_model("vit_mini_d6", path_param="param")
+
+
 def test_pnnh_block_equals_residual_block_at_init():
     """Looks-linear coders make a PNNH block compute x + attn(norm(x)), then + mlp(norm(.)), at init."""
     torch.manual_seed(0)

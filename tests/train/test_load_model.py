@@ -93,3 +93,22 @@ def test_a_pnnh_vit_file_that_names_no_coder_loads_as_the_coder_its_weights_hold
             torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(pnnh.CheckpointError, match="sub-layer PNNH ViT: build the model with coder='sublayer'"):
         load_weights(tmp_path / "sublayer.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
+
+
+def test_a_pnnh_vit_with_its_coder_path_in_the_parametrisation_round_trips(tmp_path):
+    from pnnh.train.checkpoint import load_weights, save_weights
+
+    kw = dict(embed_dim=24, num_heads=2, patch_size=7)
+    model = pnnh.create_model("pnnh_vit_mini_d6", path_param="param", **kw).eval()
+    with torch.no_grad():
+        model.blocks()[0].coder.enc.add_(0.1)  # off the identity, so a wrong path would show
+    save_weights(tmp_path / "param.safetensors", model)
+    loaded = pnnh.load_model(tmp_path / "param.safetensors")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(pnnh.CheckpointError, match="path_param='param'"):
+        load_weights(tmp_path / "param.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
+    save_weights(tmp_path / "init.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
+    with pytest.raises(pnnh.CheckpointError, match="path_param='init'"):
+        load_weights(tmp_path / "init.safetensors", pnnh.create_model("pnnh_vit_mini_d6", path_param="param", **kw))
