@@ -219,7 +219,8 @@ def _parameter_only_calls(gm: torch.fx.GraphModule) -> list[str]:
 
 
 @pytest.mark.parametrize("name,kwargs", [("vit_mini_d6", {}), ("pnnh_vit_mini_d6", {}),
-                                         ("pnnh_vit_mini_d6", {"coder": "sublayer"}), ("dirac_vit_mini_d6", {})])
+                                         ("pnnh_vit_mini_d6", {"coder": "sublayer"}), ("dirac_vit_mini_d6", {}),
+                                         ("pnnh_vit_mini_d6", {"path_param": "param"})])
 def test_deployed_vits_compute_their_parameter_only_terms_once(name, kwargs):
     model = pnnh.create_model(name, **kwargs)
     with torch.no_grad():  # away from the identity-like init, as after training

@@ -39,3 +39,17 @@ def test_docs_site_builds_strict(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "TrainConfig" in api and "find_residual_connections" in api
+
+
+def test_coder_path_script_reads_the_identity_of_a_fresh_pnnh_vit(tmp_path):
+    """docs/results/vit_coder_path.py: every number of an untrained block-coder PNNH ViT is 1."""
+    from pnnh.train.checkpoint import save_weights
+
+    for param in ("init", "param"):
+        save_weights(tmp_path / f"{param}.safetensors", pnnh.create_model("pnnh_vit_mini_d6", path_param=param))
+    proc = subprocess.run([sys.executable, str(ROOT / "docs/results/vit_coder_path.py"),
+                           str(tmp_path / "init.safetensors"), str(tmp_path / "param.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("1.000         1.000      1.000   1.000") == 6
+    assert proc.stdout.count("min 1, median 1, max 1") == 2 and "path_param='param'" in proc.stdout

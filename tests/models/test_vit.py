@@ -351,7 +351,8 @@ def test_block_coder_costs_no_more_parameters_than_the_residual_vit(size, depth)
 
 
 def test_new_families_have_no_residual_connection():
-    for name, kw in (("pnnh_vit_mini_d6", {"coder": "block"}), ("dirac_vit_mini_d6", {}), ("skipless_vit_mini_d6", {}),
+    for name, kw in (("pnnh_vit_mini_d6", {"coder": "block"}), ("pnnh_vit_mini_d6", {"path_param": "param"}),
+                     ("dirac_vit_mini_d6", {}), ("skipless_vit_mini_d6", {}),
                      ("skipless_vit_mini_d6", {"attn_shape": "value_skipinit"})):
         m = pnnh.create_model(name, patch_size=7, **kw).eval()
         assert find_residual_connections(m) == [], name
