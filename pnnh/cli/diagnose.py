@@ -22,8 +22,9 @@ __all__ = ["diagnose_cmd"]
 @click.option("--model", "model_names", help="Registered model name, or your own as path/to/file.py:factory or "
               "package.module:factory; several, comma-separated, are also overlaid in comparison.png. Optional "
               "with --checkpoint (its metadata names the model).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="pnnh weights or checkpoint (.safetensors) to "
-              "diagnose instead of a freshly initialised model.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+              help="pnnh weights or checkpoint (.safetensors) to diagnose instead of a freshly initialised model; "
+              "repeat it to diagnose several trained models side by side (comparison.png).")
 @click.option("--model-kwarg", "-k", "model_kwarg", multiple=True, metavar="KEY=VALUE",
               help="Model option for a fresh model, repeatable: -k width=2 -k init=dirac.")
 @click.option("--data", default="fashion-mnist", show_default=True,
@@ -45,12 +46,13 @@ __all__ = ["diagnose_cmd"]
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--no-plots", is_flag=True, help="Only diagnostics.json.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, images, probes, norm_stats, lesion,
+def diagnose_cmd(model_names, checkpoints, model_kwarg, data, data_dir, split, images, probes, norm_stats, lesion,
                  lesion_images, gradients, dists_vgg, dists_weights, seed, threads, device, no_plots, out) -> None:
     """Dissipating inputs, surviving neurons, shattered gradients, signal propagation and lesions.
 
     Writes OUT/diagnostics.json and PNG plots (one model), or OUT/<model>/... and OUT/comparison.png
-    (several). Without --checkpoint the model is freshly initialised (seeded by --seed).
+    (several models or checkpoints). Without --checkpoint the model is freshly initialised (seeded
+    by --seed).
     """
     from ..analysis.diagnose import DiagnoseConfig, load_images, run_diagnostics, summarize
     from ..analysis.plots import plot_comparison, plot_diagnostics
@@ -58,13 +60,21 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     if threads:
         torch.set_num_threads(threads)
     names = [m.strip() for m in (model_names or "").split(",") if m.strip()]
-    meta = None
-    if checkpoint:
-        meta = read_metadata(checkpoint)
-        if len(names) > 1:
-            raise ConfigError("--checkpoint holds one model; give at most one --model with it")
-        names = names or [meta["model"]]
-    if not names:
+    # (label, model name, checkpoint or None, its metadata or None), one per model to diagnose
+    if checkpoints:
+        if names and (len(names) > 1 or len(checkpoints) > 1):
+            raise ConfigError("each --checkpoint names its model; give --model only with a single --checkpoint")
+        metas = [read_metadata(c) for c in checkpoints]
+        items = [(names[0] if names else m["model"], names[0] if names else m["model"], c, m)
+                 for c, m in zip(checkpoints, metas)]
+        labels = [it[0] for it in items]
+        if len(set(labels)) < len(labels):  # the same model twice: label by the checkpoint's folder
+            items = [(f"{it[0]}:{Path(it[2]).parent.name or Path(it[2]).stem}", *it[1:]) for it in items]
+        if len({it[0] for it in items}) < len(items):
+            items = [(f"{it[0]}:{i}", *it[1:]) for i, it in enumerate(items)]
+    else:
+        items = [(n, n, None, None) for n in names]
+    if not items:
         raise ConfigError("give --model NAME (or --checkpoint PATH)")
     dists = None
     if dists_vgg or dists_weights:
@@ -76,13 +86,13 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
     x, y, ds = load_images(data, images, data_dir, split=split, seed=seed)
     x, y = x.to(dev), y.to(dev)
     kwargs = parse_kv(model_kwarg, "--model-kwarg")
-    if lesion is None and checkpoint:
+    if lesion is None and checkpoints:
         lesion = True  # a checkpoint holds trained weights, with or without BatchNorm to show it
     config = DiagnoseConfig(probes=probes, norm_stats=norm_stats, lesion=lesion, lesion_images=lesion_images,
                             gradients=gradients, seed=seed)
     results = {}
     out_dir = Path(out)
-    for name in names:
+    for label, name, checkpoint, meta in items:
         torch.manual_seed(seed)
         if meta is not None:
             mk = {**meta.get("model_kwargs", {}), **kwargs}
@@ -93,19 +103,19 @@ def diagnose_cmd(model_names, checkpoint, model_kwarg, data, data_dir, split, im
         want = getattr(model, "in_chans", None)
         if want is not None and want != x.shape[1]:
             raise ConfigError(f"{name} takes {want}-channel images but {data} has {x.shape[1]} channels")
-        click.echo(f"[{name}] {'checkpoint ' + checkpoint if checkpoint else 'at init'}, {x.shape[0]} {data} {split} images")
+        click.echo(f"[{label}] {'checkpoint ' + checkpoint if checkpoint else 'at init'}, {x.shape[0]} {data} {split} images")
         model = model.to(dev)
         res = run_diagnostics(model, x, y, config, dists=dists, log=lambda s: click.echo(f"  {s}"))
         res["data"] = {"name": data, "split": split, "images": int(x.shape[0]), "seed": seed}
         if checkpoint:
             res["checkpoint"] = str(checkpoint)
-        target = out_dir if len(names) == 1 else out_dir / model_slug(name)
+        target = out_dir if len(items) == 1 else out_dir / model_slug(label)
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target / "diagnostics.json", json.dumps(res, indent=1))
         written = [] if no_plots else plot_diagnostics(res, target)
         click.echo(summarize(res))
         click.echo(f"  -> {target / 'diagnostics.json'}" + (f" and {len(written)} plots" if written else ""))
-        results[name] = res
+        results[label] = res
     if len(results) > 1 and not no_plots:
         for p in plot_comparison(results, out_dir):
             click.echo(f"comparison -> {p}")

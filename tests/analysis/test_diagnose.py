@@ -9,6 +9,7 @@ import pnnh
 from pnnh.analysis import diagnose, plot_comparison, plot_diagnostics, summarize
 from pnnh.analysis.diagnose import load_images
 from pnnh.cli import main
+from pnnh.models import model_slug
 from pnnh.train.checkpoint import save_weights
 
 
@@ -108,6 +109,22 @@ def test_cli_fresh_model_and_checkpoint(fmnist_dir, tmp_path, capsys):
           "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "vit"), "--no-plots"])
     r = json.loads((tmp_path / "vit" / "diagnostics.json").read_text())
     assert r["norm_stats"] == "none" and len(r["lesion"]["delete"]) == 6
+    # several trained models side by side; the same model twice is labelled by its run folder
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        save_weights(tmp_path / f"s{seed}" / "model.safetensors", pnnh.create_model("vit_mini_d6"))
+    main(["diagnose", "--checkpoint", str(vit), "--checkpoint", str(tmp_path / "s0" / "model.safetensors"),
+          "--checkpoint", str(tmp_path / "s1" / "model.safetensors"), "--images", "32", "--no-gradients",
+          "--lesion-images", "16", "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "many")])
+    written = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert written == sorted(["comparison.png", "vit_mini_d6_s0", "vit_mini_d6_s1", model_slug(f"vit_mini_d6:{tmp_path.name}")])
+    for sub in (p for p in (tmp_path / "many").iterdir() if p.is_dir()):
+        r = json.loads((sub / "diagnostics.json").read_text())
+        assert r["model"] == "vit_mini_d6" and len(r["lesion"]["delete"]) == 6
+    with pytest.raises(SystemExit) as e:
+        main(["diagnose", "--model", "vit_mini_d6", "--checkpoint", str(vit), "--checkpoint", str(vit),
+              "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "single --checkpoint" in capsys.readouterr().err
 
 
 def test_cli_user_errors(fmnist_dir, tmp_path, capsys):
