@@ -171,7 +171,7 @@ class MirrorCoder(nn.Module):
     identity path instead of erasing it (the residual stream's identity cannot decay either).
     """
 
-    def __init__(self, dim: int, coder_dim: int, gain: float = 1.0, path_param: str = "init"):
+    def __init__(self, dim: int, coder_dim: int, gain: float = 0.1, path_param: str = "init"):
         super().__init__()
         if gain <= 0:
             raise ConfigError(f"coder_gain must be > 0, got {gain}")
@@ -308,7 +308,7 @@ class PNNHBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 1.0, path_param: str = "init"):
+                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "init"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -420,7 +420,7 @@ class PNNHParallelBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 1.0, path_param: str = "init"):
+                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "init"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         if dim % num_heads:
