@@ -164,10 +164,9 @@ class MirrorCoder(nn.Module):
 
     ``path_param`` says where the looks-linear path lives. ``"init"``: only in the initial values
     of ``enc`` and ``dec``; weight decay shrinks them towards zero like any weight, and with them
-    the input each block carries (measured in docs/vit.md). ``"param"``: in the parametrisation,
-    ``E = E0 + gain * enc`` and
-    ``D = D0 + gain * dec`` with the looks-linear ``E0, D0`` fixed buffers and ``enc, dec`` trained
-    from zero: the same function, the same gradients, but weight decay pulls the coder back to the
+    the input each block carries (measured in docs/results/vit.md). ``"param"``: in the
+    parametrisation, ``E = E0 + gain * enc`` and ``D = D0 + gain * dec`` with the looks-linear
+    ``E0, D0`` fixed buffers and ``enc, dec`` trained from zero: the same function, the same gradients, but weight decay pulls the coder back to the
     identity path instead of erasing it (the residual stream's identity cannot decay either).
     """
 
