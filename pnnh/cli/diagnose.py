@@ -60,22 +60,21 @@ def diagnose_cmd(model_names, checkpoints, model_kwarg, data, data_dir, split, i
     if threads:
         torch.set_num_threads(threads)
     names = [m.strip() for m in (model_names or "").split(",") if m.strip()]
-    # (label, model name, checkpoint or None, its metadata or None), one per model to diagnose
+    # (model name, checkpoint or None, its metadata or None), one per model to diagnose
     if checkpoints:
         if names and (len(names) > 1 or len(checkpoints) > 1):
             raise ConfigError("each --checkpoint names its model; give --model only with a single --checkpoint")
         metas = [read_metadata(c) for c in checkpoints]
-        items = [(names[0] if names else m["model"], names[0] if names else m["model"], c, m)
-                 for c, m in zip(checkpoints, metas)]
-        labels = [it[0] for it in items]
-        if len(set(labels)) < len(labels):  # the same model twice: label by the checkpoint's folder
-            items = [(f"{it[0]}:{Path(it[2]).parent.name or Path(it[2]).stem}", *it[1:]) for it in items]
-        if len({it[0] for it in items}) < len(items):
-            items = [(f"{it[0]}:{i}", *it[1:]) for i, it in enumerate(items)]
+        items = [(names[0] if names else m["model"], c, m) for c, m in zip(checkpoints, metas)]
     else:
-        items = [(n, n, None, None) for n in names]
+        items = [(n, None, None) for n in names]
     if not items:
         raise ConfigError("give --model NAME (or --checkpoint PATH)")
+    labels = [name for name, _, _ in items]
+    if checkpoints and len(set(labels)) < len(labels):  # the same model twice: label by the checkpoint's folder
+        labels = [f"{name}:{Path(c).parent.name or Path(c).stem}" for name, c, _ in items]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}:{i}" for i, label in enumerate(labels)]
     dists = None
     if dists_vgg or dists_weights:
         from ..analysis.dists import load_dists
@@ -92,7 +91,7 @@ def diagnose_cmd(model_names, checkpoints, model_kwarg, data, data_dir, split, i
                             gradients=gradients, seed=seed)
     results = {}
     out_dir = Path(out)
-    for label, name, checkpoint, meta in items:
+    for label, (name, checkpoint, meta) in zip(labels, items):
         torch.manual_seed(seed)
         if meta is not None:
             mk = {**meta.get("model_kwargs", {}), **kwargs}
