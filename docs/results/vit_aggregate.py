@@ -1,7 +1,10 @@
 """Summarise the ViT runs of docs/results/vit.md: mean ± std test accuracy over seeds, params, img/s.
 
-Usage: python docs/results/vit_aggregate.py runs/vit [--curves FILE.png]
+Usage: python docs/results/vit_aggregate.py runs/vit [--reference vit] [--curves FILE.png]
 (reads <root>/<model>/s<seed>/summary.json and metrics.jsonl as written by `pnnh train`).
+The training loss is the label-smoothed mean over the last epoch. ``--reference`` adds each
+model's difference to that model: mean minus mean ± the Welch standard error (a one-seed side has
+no spread of its own, so the error then understates the uncertainty).
 ``--curves`` also prints, per model, the test accuracy and training loss after each epoch (mean
 over the seeds that reached it) and plots both against the epoch into FILE.png. Runs still in
 progress appear in the curves only.
@@ -12,8 +15,11 @@ import json
 import statistics
 from pathlib import Path
 
+from pnnh.experiments.stats import difference
+
 p = argparse.ArgumentParser()
 p.add_argument("root", nargs="?", default="runs/vit")
+p.add_argument("--reference", metavar="MODEL", help="report each model's difference to this one (Welch error)")
 p.add_argument("--curves", metavar="FILE.png", help="per-epoch table and plot of test accuracy and training loss")
 args = p.parse_args()
 root = Path(args.root)
@@ -23,21 +29,37 @@ def depth_then_name(kv):
     return int(kv[0].rsplit("_d", 1)[1].split(":")[0].split("-")[0]) if "_d" in kv[0] else 0, kv[0]
 
 
+def last_epoch_loss(run_dir: Path) -> float:
+    """The training loss (epoch mean) of the run's last epoch in metrics.jsonl."""
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in epochs if "epoch" in r and "train_loss" in r][-1]["train_loss"]
+
+
 rows = {}
 for f in sorted(root.glob("*/s*/summary.json")):
     s = json.loads(f.read_text())
     if s.get("status") != "complete":
         continue
-    rows.setdefault(f.parent.parent.name, []).append(s)
-print("| model | seeds | test acc % (mean ± std) | per seed | last train loss (mean) | params | train img/s (mean, shared machine) |")
-print("|---|---|---|---|---|---|---|")
+    rows.setdefault(f.parent.parent.name, []).append((s, last_epoch_loss(f.parent)))
+if args.reference and args.reference not in rows:
+    raise SystemExit(f"error: no finished run of reference {args.reference!r} under {root}")
+ref = [100 * r["test_acc"] for r, _ in rows[args.reference]] if args.reference else None
+diff_head = f" − {args.reference} ± Welch SE |" if ref else ""
+print(f"| model | seeds | test acc % (mean ± std) | per seed |{diff_head} train loss, last epoch (mean) | params "
+      "| train img/s (mean, shared machine) |")
+print("|---|---|---|---|" + ("---|" if ref else "") + "---|---|---|")
 for name, runs in sorted(rows.items(), key=depth_then_name):
-    accs = [100 * r["test_acc"] for r in sorted(runs, key=lambda r: r["seed"])]
+    runs = sorted(runs, key=lambda r: r[0]["seed"])
+    accs = [100 * r["test_acc"] for r, _ in runs]
     sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-    ips = statistics.mean(r["train_img_per_s"] for r in runs)
-    last = statistics.mean(r["curve"][-1][1] for r in runs)  # loss of the last logged step (label-smoothed)
-    print(f"| {name} | {len(runs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {', '.join(f'{a:.2f}' for a in accs)} "
-          f"| {last:.3f} | {runs[0]['params']:,} | {ips:.0f} |")
+    ips = statistics.mean(r["train_img_per_s"] for r, _ in runs)
+    loss = statistics.mean(loss for _, loss in runs)
+    cell = ""
+    if ref:
+        d, se = difference(accs, ref)
+        cell = " | " + ("—" if name == args.reference else f"{d:+.2f} ± {se:.2f}")
+    print(f"| {name} | {len(runs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {', '.join(f'{a:.2f}' for a in accs)}"
+          f"{cell} | {loss:.3f} | {runs[0][0]['params']:,} | {ips:.0f} |")
 
 if args.curves:
     curves = {}  # model -> epoch -> [(test acc %, train loss) per seed]

@@ -6,8 +6,11 @@ Each round times `steps` AdamW training steps (forward, backward, step) of every
 (A B C A B C ...) on one fixed batch of 128 28x28 images (patch 7). A model is NAME or
 NAME:key=value:key=value (model options). Prints per model the parameters, the median images/s
 over rounds by wall clock and by this process's CPU time, and each ratio to the first model
-(the median of per-round ratios). glibc's malloc is tuned as in `pnnh train`. On a machine shared with other jobs the wall clock counts the
-time other processes hold the cores; the CPU-time rate does not, so it is the steadier ratio.
+(the median of per-round ratios; the inter-quartile range of the CPU-time ratios says how much
+the rounds disagree: single rounds of a few steps vary by several per cent on a shared machine).
+glibc's malloc is tuned as in `pnnh train`. On a machine shared with other jobs the wall clock
+counts the time other processes hold the cores; the CPU-time rate does not, so it is the steadier
+ratio.
 """
 
 import argparse
@@ -67,12 +70,13 @@ for _ in range(args.rounds):
         rates[n].append(run(n, args.steps))
 print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, "
       f"patch {args.patch_size}, {args.rounds} rounds x {args.steps} steps")
-print(f"{'model':<46} {'params':>10}  {'wall img/s':>10} {'ratio':>6}  {'cpu img/s':>9} {'ratio':>6}")
+print(f"{'model':<46} {'params':>10}  {'wall img/s':>10} {'ratio':>6}  {'cpu img/s':>9} {'ratio':>6}  {'ratio IQR':>11}")
 for n in specs:
     params = sum(q.numel() for q in models[n].parameters())
     wall = [r[0] for r in rates[n]]
     cpu = [r[1] for r in rates[n]]
     wall_ratio = statistics.median(a[0] / b[0] for a, b in zip(rates[n], rates[specs[0]]))
-    cpu_ratio = statistics.median(a[1] / b[1] for a, b in zip(rates[n], rates[specs[0]]))
+    cpu_ratios = [a[1] / b[1] for a, b in zip(rates[n], rates[specs[0]])]
+    q1, _, q3 = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) > 1 else (cpu_ratios[0],) * 3
     print(f"{n:<46} {params:>10,}  {statistics.median(wall):10.1f} {wall_ratio:6.3f}  "
-          f"{statistics.median(cpu):9.1f} {cpu_ratio:6.3f}")
+          f"{statistics.median(cpu):9.1f} {statistics.median(cpu_ratios):6.3f}  {q1:.3f}-{q3:.3f}")

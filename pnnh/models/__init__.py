@@ -32,12 +32,11 @@ def upgrade_model_kwargs(name: str, kwargs: dict, keys) -> dict:
     """The options that rebuild model ``name`` for a saved state dict with keys ``keys``.
 
     A file records the options its model was built with, not the defaults it relied on. A PNNH ViT
-    saved without a ``coder`` option gets the coder its weights hold
-    (:func:`pnnh.models.vit.saved_coder`), so a sub-layer PNNH ViT saved when that was the default
-    loads as what it is.
+    saved without a ``coder`` or ``path_param`` option gets the ones its weights hold
+    (:func:`pnnh.models.vit.saved_coder`, :func:`pnnh.models.vit.saved_path_param`), so a file
+    saved when other defaults held loads as what it is.
     """
-    if is_model(name) and model_info(name).family == "pnnh_vit" and "coder" not in kwargs:
-        coder = vit.saved_coder(keys)
-        if coder is not None:
-            return {**kwargs, "coder": coder}
-    return kwargs
+    if not (is_model(name) and model_info(name).family == "pnnh_vit"):
+        return kwargs
+    saved = {"coder": vit.saved_coder(keys), "path_param": vit.saved_path_param(keys)}
+    return {**{k: v for k, v in saved.items() if v is not None}, **kwargs}

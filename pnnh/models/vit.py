@@ -50,7 +50,7 @@ from .layers import DropPath, PooledClassifierHead, dirac_weight, init_dirac_par
 __all__ = ["VisionTransformer", "PatchEmbed", "Attention", "Mlp", "MirrorCoder", "DropPath", "Block",
            "PlainBlock", "PNNHBlock", "PNNHParallelBlock", "DiracLinear", "DiracBlock", "ShapedAttention",
            "SkiplessBlock", "BLOCKS", "PNNH_CODERS", "VIT_PATH_PARAMS", "FAMILIES", "SIZES", "DEPTHS", "vit",
-           "split_joint_in_proj", "saved_coder"]
+           "split_joint_in_proj", "saved_coder", "saved_path_param"]
 
 
 VIT_PATH_PARAMS = ("init", "param")  # the ``path_param`` option of PNNH ViTs (:class:`MirrorCoder`)
@@ -162,15 +162,16 @@ class MirrorCoder(nn.Module):
     learning rate per step, so the coder's effective step is ``gain`` times the learner's. The
     function at init does not depend on ``gain``.
 
-    ``path_param`` says where the looks-linear path lives. ``"init"``: only in the initial values
-    of ``enc`` and ``dec``; weight decay shrinks them towards zero like any weight, and with them
-    the input each block carries (measured in docs/results/vit.md). ``"param"``: in the
+    ``path_param`` says where the looks-linear path lives. ``"param"`` [default]: in the
     parametrisation, ``E = E0 + gain * enc`` and ``D = D0 + gain * dec`` with the looks-linear
-    ``E0, D0`` fixed buffers and ``enc, dec`` trained from zero: the same function, the same gradients, but weight decay pulls the coder back to the
-    identity path instead of erasing it (the residual stream's identity cannot decay either).
+    ``E0, D0`` fixed buffers and ``enc, dec`` trained from zero, so weight decay pulls the coder
+    back to the identity path (as the residual stream's identity cannot decay either). ``"init"``:
+    only in the initial values of ``enc`` and ``dec``; the same function and gradients at init,
+    but weight decay shrinks them towards zero like any weight, and with them the input each
+    block carries (measured in docs/results/vit.md: at depth 24 it costs accuracy).
     """
 
-    def __init__(self, dim: int, coder_dim: int, gain: float = 0.1, path_param: str = "init"):
+    def __init__(self, dim: int, coder_dim: int, gain: float = 0.1, path_param: str = "param"):
         super().__init__()
         if gain <= 0:
             raise ConfigError(f"coder_gain must be > 0, got {gain}")
@@ -186,13 +187,15 @@ class MirrorCoder(nn.Module):
 
     def encoder_weight(self) -> torch.Tensor:
         """``E`` (``coder_dim x dim``)."""
-        w = self.enc * self.gain
-        return w + self.enc_path if self.path_param == "param" else w
+        if self.path_param == "param":
+            return torch.add(self.enc_path, self.enc, alpha=self.gain)
+        return self.enc * self.gain
 
     def decoder_weight(self) -> torch.Tensor:
         """``D = [D+, D-]`` (``dim x 2 coder_dim``)."""
-        w = self.dec * self.gain
-        return w + self.dec_path if self.path_param == "param" else w
+        if self.path_param == "param":
+            return torch.add(self.dec_path, self.dec, alpha=self.gain)
+        return self.dec * self.gain
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``E x``, the code before the mirrored ReLU."""
@@ -307,7 +310,7 @@ class PNNHBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "init"):
+                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "param"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -401,6 +404,13 @@ def saved_coder(keys) -> str | None:
     return "sublayer" if "coder1" in leaves else "block" if "coder" in leaves else None
 
 
+def saved_path_param(keys) -> str | None:
+    """The ``path_param`` of the PNNH ViT whose state-dict keys are ``keys``: ``"param"`` (its
+    coders hold fixed ``enc_path`` buffers), ``"init"`` (coders without them) or ``None`` (no coder)."""
+    coders = [k for k in keys if k.endswith((".enc", ".enc_path")) and ".coder" in k]
+    return None if not coders else "param" if any(k.endswith(".enc_path") for k in coders) else "init"
+
+
 class PNNHParallelBlock(nn.Module):
     """One plain PNNH layer per block: attention heads and MLP units side by side as the learner.
 
@@ -419,7 +429,7 @@ class PNNHParallelBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "init"):
+                 coder_dim: int | None = None, coder_gain: float = 0.1, path_param: str = "param"):
         super().__init__()
         coder_dim = _coder_dim(dim, coder_dim)
         if dim % num_heads:
@@ -634,9 +644,9 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
         coder_gain: PNNH only: the coder's parameters are stored divided by this gain, so under
             Adam the coder moves ``coder_gain`` times as fast as the learner [0.1]; see
             :class:`MirrorCoder`.
-        path_param: PNNH only: ``"init"`` (the coder's identity path only in its initial weights,
-            which weight decay shrinks) [default] or ``"param"`` (the path a fixed term of the
-            coder's weights, which weight decay pulls the coder back to); see :class:`MirrorCoder`.
+        path_param: PNNH only: ``"param"`` (the coder's identity path a fixed term of its
+            weights, which weight decay pulls the coder back to) [default] or ``"init"`` (the path
+            only in its initial weights, which weight decay shrinks); see :class:`MirrorCoder`.
         attn_shape: skipless only: ``"shaped"`` [default] or ``"value_skipinit"``; see
             :class:`ShapedAttention`.
         drop_rate: dropout before the classifier. pos_drop_rate: after adding the position embedding.
@@ -674,7 +684,7 @@ class VisionTransformer(PooledClassifierHead, nn.Module):
         coder = "block" if coder is None else coder
         coder_ratio = 1.0 if coder_ratio is None else coder_ratio
         coder_gain = 0.1 if coder_gain is None else coder_gain
-        path_param = "init" if path_param is None else path_param
+        path_param = "param" if path_param is None else path_param
         if coder not in PNNH_CODERS:
             raise ConfigError(f"unknown coder {coder!r}; use {', '.join(PNNH_CODERS)}")
         if not 0 < coder_ratio <= 1:

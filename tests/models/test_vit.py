@@ -166,11 +166,12 @@ def test_coder_gain_scales_the_adam_step_not_the_function():
 
 @pytest.mark.parametrize("coder", ["block", "sublayer"])
 def test_path_param_keeps_the_function_and_gradients_but_decays_to_the_identity(coder):
-    """``path_param="param"``: E = E0 + gain * enc. The same model and gradients as ``"init"``;
-    AdamW's decay then pulls the coder to the looks-linear path instead of shrinking it to zero."""
+    """``path_param="param"`` (the default): E = E0 + gain * enc. The same model and gradients as
+    ``"init"``; AdamW's decay then pulls the coder to the looks-linear path instead of shrinking it to zero."""
     torch.manual_seed(0)
-    a = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder)
-    b = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder, path_param="param")
+    a = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder, path_param="init")
+    b = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder=coder)
+    assert {m.path_param for m in b.modules() if isinstance(m, MirrorCoder)} == {"param"}
     b.load_state_dict({k: v for k, v in a.state_dict().items() if ".coder" not in k}, strict=False)
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     for m in (a, b):
@@ -208,7 +209,7 @@ def test_pnnh_block_equals_residual_block_at_init():
     torch.testing.assert_close(pn(x), res(x), rtol=1e-5, atol=1e-5)
     # ... and is nevertheless a different, plain function once its coder weights move off looks-linear
     with torch.no_grad():
-        pn.coder1.dec[:, 32:] *= 0.5
+        pn.coder1.dec[:, 32:] += 5 * torch.eye(32)  # D- = -I -> -I/2 (gain 0.1)
     assert not torch.allclose(pn(x), res(x), atol=1e-3)
 
 
@@ -220,8 +221,8 @@ def test_every_pnnh_vit_starts_with_looks_linear_coders(coder):
         coders, proj = ((b.coder,), b.proj) if coder == "block" else ((b.coder1, b.coder2), b.attn.proj)
         for c in coders:
             assert c.gain == 0.1
-            torch.testing.assert_close(c.enc * c.gain, eye)
-            torch.testing.assert_close(c.dec * c.gain, torch.cat([eye, -eye], 1))
+            torch.testing.assert_close(c.encoder_weight(), eye)
+            torch.testing.assert_close(c.decoder_weight(), torch.cat([eye, -eye], 1))
         assert proj.weight.std() < 0.03  # learner: timm's trunc-normal(0.02)
     half = pnnh.create_model("pnnh_vit_mini_d6", patch_size=7, coder_ratio=0.5, coder=coder).blocks()[0]
     assert (half.coder if coder == "block" else half.coder1).enc.shape == (48, 96)
@@ -233,8 +234,15 @@ def test_the_default_pnnh_vit_is_the_block_coder():
 
 
 def _adds_and_cats(module: nn.Module) -> list[torch.fx.Node]:
+    """The graph's additions of activations (additions of weights to weights, e.g. ``E0 + gain * enc``,
+    are not counted: they compute a parameter, not a path)."""
     gm = torch.fx.symbolic_trace(module)
-    return [n for n in gm.graph.nodes if n.target in (operator.add, torch.add, operator.iadd, "add", "add_")]
+    weights: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:  # nodes computed from parameters and buffers alone
+        if n.op == "get_attr" or (n.op != "placeholder" and n.all_input_nodes and set(n.all_input_nodes) <= weights):
+            weights.add(n)
+    return [n for n in gm.graph.nodes
+            if n.target in (operator.add, torch.add, operator.iadd, "add", "add_") and n not in weights]
 
 
 def test_blocks_trace_with_fx_and_only_residual_blocks_add():
@@ -312,7 +320,7 @@ def test_parallel_pnnh_block_carries_its_input_at_init():
     torch.testing.assert_close(b(x), expect, rtol=1e-5, atol=1e-5)
     # the path runs through the coder's ReLUs: off looks-linear, the block is no longer x + f(x)
     with torch.no_grad():
-        b.coder.dec[:, 32:] *= 0.5
+        b.coder.dec[:, 32:] += 5 * torch.eye(32)  # D- = -I -> -I/2 (gain 0.1)
     assert not torch.allclose(b(x), expect, atol=1e-3)
     # the learner is 4 * 32 hidden units minus the 2 * 32 mirrored code units
     assert b.hidden == 64 and b.coder.coder_dim == 32

@@ -95,20 +95,25 @@ def test_a_pnnh_vit_file_that_names_no_coder_loads_as_the_coder_its_weights_hold
         load_weights(tmp_path / "sublayer.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
 
 
-def test_a_pnnh_vit_with_its_coder_path_in_the_parametrisation_round_trips(tmp_path):
+def test_a_pnnh_vit_loads_with_the_coder_path_its_weights_hold(tmp_path):
     from pnnh.train.checkpoint import load_weights, save_weights
 
     kw = dict(embed_dim=24, num_heads=2, patch_size=7)
-    model = pnnh.create_model("pnnh_vit_mini_d6", path_param="param", **kw).eval()
-    with torch.no_grad():
-        model.blocks()[0].coder.enc.add_(0.1)  # off the identity, so a wrong path would show
-    save_weights(tmp_path / "param.safetensors", model)
-    loaded = pnnh.load_model(tmp_path / "param.safetensors")
     x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x))
+    for path_param in ("param", "init"):
+        model = pnnh.create_model("pnnh_vit_mini_d6", path_param=path_param, **kw).eval()
+        with torch.no_grad():
+            model.blocks()[0].coder.enc.add_(0.1)  # off the identity, so a wrong path would show
+        save_weights(tmp_path / f"{path_param}.safetensors", model)
+        model.pnnh_kwargs.pop("path_param")  # a file that relied on the default of its day
+        save_weights(tmp_path / f"{path_param}-default.safetensors", model)
+        for name in (path_param, f"{path_param}-default"):
+            loaded = pnnh.load_model(tmp_path / f"{name}.safetensors")
+            assert loaded.blocks()[0].coder.path_param == path_param
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(x), model(x))
+    assert pnnh.create_model("pnnh_vit_mini_d6", **kw).blocks()[0].coder.path_param == "param"
     with pytest.raises(pnnh.CheckpointError, match="path_param='param'"):
-        load_weights(tmp_path / "param.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
-    save_weights(tmp_path / "init.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
+        load_weights(tmp_path / "param.safetensors", pnnh.create_model("pnnh_vit_mini_d6", path_param="init", **kw))
     with pytest.raises(pnnh.CheckpointError, match="path_param='init'"):
-        load_weights(tmp_path / "init.safetensors", pnnh.create_model("pnnh_vit_mini_d6", path_param="param", **kw))
+        load_weights(tmp_path / "init.safetensors", pnnh.create_model("pnnh_vit_mini_d6", **kw))
