@@ -32,7 +32,7 @@ from safetensors.torch import load as load_bytes, save_file
 
 from ..errors import CheckpointError
 from ..models import create_model, upgrade_model_kwargs, upgrade_state_dict
-from ..models.vit import saved_coder
+from ..models.vit import saved_coder, saved_path_param
 from ..utils import atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "load_weights", "save_weights", "atomic_write_text",
@@ -238,13 +238,11 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             details.append(f"{len(shape)} shape mismatch(es) e.g. {shape[0]}")
         if saved_coder(unexpected) == "sublayer" and own_name and own_name.startswith("pnnh_vit"):
             details.append("the checkpoint holds a sub-layer PNNH ViT: build the model with coder='sublayer'")
-        if own_name and own_name.startswith("pnnh_vit") and (missing or unexpected):
-            paths = [k for k in missing + unexpected if k.endswith(("coder.enc_path", "coder1.enc_path"))]
-            if paths:
-                saved_param = paths[0] in unexpected
-                want, where = ("param", "in the parametrisation") if saved_param else ("init", "in the init only")
-                details.append(f"the checkpoint's coders keep their path {where}: build the model with "
-                               f"path_param={want!r}")
+        saved_path = saved_path_param(sd)
+        if own_name and own_name.startswith("pnnh_vit") and saved_path not in (None, saved_path_param(own)):
+            where = "in the parametrisation" if saved_path == "param" else "in the init only"
+            details.append(f"the checkpoint's coders keep their path {where}: build the model with "
+                           f"path_param={saved_path!r}")
         if missing and all(k.rsplit(".", 1)[-1] in ("path", "alpha", "beta") for k in missing):
             details.append("the checkpoint's PNNH layers keep the internal path in the init only: build the "
                            "model with path_param='init'")
