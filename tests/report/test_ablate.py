@@ -6,8 +6,9 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.report.ablate import (VARIANTS, aggregate, choose_lr, format_report, frontiers, parse_variant,
+from pnnh.report.ablate import (BUDGETS, VARIANTS, aggregate, choose_lr, format_report, frontiers, parse_variant,
                                 side_by_side_throughput, split_variants, write_frontier_figures)
+from pnnh.train import TrainConfig
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
         "--test-subset", "100"]
@@ -120,6 +121,13 @@ def test_variants_parse_and_config_errors(tmp_path):
         parse_variant("x=pnnh56")
     with pytest.raises(SystemExit):
         main(["ablate", "--budgets", "forever", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+def test_every_budget_is_a_valid_training_config(name):
+    """A budget is a set of TrainConfig fields: a misspelt or out-of-range one fails here, not hours into a run."""
+    cfg = TrainConfig(model="resnet20", data="fashion-mnist", **BUDGETS[name]).validate()
+    assert (cfg.epochs is None) != (cfg.steps is None)
 
 
 def test_aggregate_mean_std_and_diverged():
