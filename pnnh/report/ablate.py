@@ -45,6 +45,7 @@ from ..experiments.runner import run_grid
 from ..experiments.state import check_grid, finished
 from ..models import create_model
 from ..train.config import TrainConfig
+from ..train.malloc import tune_glibc_malloc
 from ..utils import atomic_write_text, parse_kv
 from .render import frontier_figure, html_figure, html_page, html_table, make_figures, md_table
 
@@ -340,7 +341,8 @@ def _speed_table(speed: list[dict]) -> list[list[str]]:
 
 
 _SPEED_TEXT = ("One process, one thread, alternating the models step by step (A B A B ...) so that the "
-               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128. img/s is "
+               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128, in the "
+               "memory layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is "
                "each model's median over rounds; the ratio is the median of the per-round ratios.")
 
 
@@ -529,21 +531,28 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
 
 
 def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 128, rounds: int = 6,
-                            steps_per_round: int = 2, img_size: int = 28, in_chans: int = 1) -> list[dict]:
+                            steps_per_round: int = 2, img_size: int = 28, in_chans: int = 1,
+                            channels_last: bool = TrainConfig.channels_last) -> list[dict]:
     """Training images/s of several models measured alternately in one process.
 
     Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
     of each model's rate is reported, and its ratio to the first model is the median of the
     per-round ratios (paired, as ``pnnh bench`` reports them: a round's load hits both alike).
+    The models run as ``pnnh train`` runs them on CPU: in the engine's default memory layout
+    (channels-last, which selects the PNNH layer's CPU training kernel) and with glibc's malloc tuned.
     """
-
+    tune_glibc_malloc()
     built = []
     for name, kw in models:
         torch.manual_seed(0)
         m = create_model(name, num_classes=10, in_chans=in_chans, **kw).train()
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         built.append((name, kw, m, opt))
     x = torch.randn(batch_size, in_chans, img_size, img_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     rates: list[list[float]] = [[] for _ in built]
     for r in range(rounds + 1):

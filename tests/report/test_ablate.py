@@ -175,6 +175,21 @@ def test_side_by_side_throughput_ratios():
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_side_by_side_throughput_times_the_layout_training_uses(monkeypatch, channels_last):
+    """The speed of a frontier is the speed of `pnnh train`: channels-last by default (the PNNH layer's CPU kernel)."""
+    import torch
+
+    import pnnh.report.ablate as ablate
+    built = []
+    real = ablate.create_model
+    monkeypatch.setattr(ablate, "create_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    side_by_side_throughput([("pnnh20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1,
+                            **({} if channels_last else {"channels_last": False}))
+    conv = next(p for p in built[0].parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 @pytest.mark.parametrize("label, other, tolerance, at_most", [
     ("plain-dirac-eq", "pnnh", 0.01, False),   # dirac plain at the default PNNH's parameter count
     ("pnnh-w1.0625", "resnet", 0.005, True),   # PNNH widened to its ResNet twin's count, not above it
