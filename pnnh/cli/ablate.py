@@ -10,7 +10,8 @@ import click
 
 from ..errors import ConfigError
 from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, choose_lr, format_report, frontiers, run_ablation,
-                             side_by_side_throughput, split_variants, write_frontier_figures, write_html_report)
+                             selection_variants, side_by_side_throughput, split_variants, write_frontier_figures,
+                             write_html_report)
 from .options import launch_options_from, launcher_options
 
 __all__ = ["ablate_cmd"]
@@ -39,8 +40,10 @@ __all__ = ["ablate_cmd"]
 @click.option("--speed-variants", default=DEFAULTS.get("speed_variants"), show_default=True,
               help="Variants timed by --speed (the first is the reference of the ratio).")
 @click.option("--speed-depths", help="Depths timed by --speed [the --depths].")
-@click.option("--select-lr", help="Comma-separated peak learning rates: choose each variant's lr at every depth "
-              "on --select-budget first (the best mean test accuracy, no seed diverged) and train the budgets at it.")
+@click.option("--select-lr", help="Comma-separated peak learning rates: choose each family's lr at every depth "
+              "on --select-budget first (the best mean test accuracy, no seed diverged) and train the budgets at it. "
+              "A variant is its own family unless configs/ablate.yaml names its `family` (a narrower width of a "
+              "design trains at the lr chosen for its full width).")
 @click.option("--select-budget", default=DEFAULTS.get("select_budget", "screen"), show_default=True,
               help="The budget the lr selection trains.")
 @click.option("--select-seeds", default=DEFAULTS.get("select_seeds", "0,1"), show_default=True,
@@ -87,16 +90,17 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         grid, sel_seeds = _positive_floats(select_lr, "--select-lr"), _integers(select_seeds, "--select-seeds")
         click.echo(f"lr selection: {select_budget} budget, lr {', '.join(f'{lr:g}' for lr in grid)}, "
                    f"seeds {', '.join(map(str, sel_seeds))}")
-        sel_records = run_ablation(vs, ds, sel_seeds, [select_budget], Path(out), base, dry_run=dry_run,
+        fams = selection_variants(vs)
+        sel_records = run_ablation(fams, ds, sel_seeds, [select_budget], Path(out), base, dry_run=dry_run,
                                    log=click.echo, budget_defs=budget_defs, launch=launch_opts,
-                                   lrs={(v.label, d): grid for v in vs for d in ds})
+                                   lrs={(v.label, d): grid for v in fams for d in ds})
         chosen, rows = choose_lr(sel_records)
         selection = (rows, sel_seeds)
         for row in rows:
             if row["chosen"] is None:
                 click.echo(f"lr not chosen yet for {row['variant']} at depth {row['depth']} (its selection runs are "
                            "not all finished): its runs wait")
-        lrs = {cell: [lr] for cell, lr in chosen.items()}
+        lrs = {(v.label, d): [chosen[v.lr_family, d]] for v in vs for d in ds if (v.lr_family, d) in chosen}
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
                            launch=launch_opts, lrs=lrs)
     speed_rows = None
@@ -106,9 +110,10 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         speed_rows = []
         for d in sds:
             click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
-            speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs])
+            for amp in dict.fromkeys(budget_defs[b].get("amp") for b in bs):  # each precision the budgets train in
+                speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs], amp=amp)
     command = _command_line(speed)
-    fronts = frontiers(records, speed_rows, reference or None) if frontier else None
+    fronts = frontiers(records, speed_rows, reference or None, budget_defs) if frontier else None
     links = write_frontier_figures(fronts, Path(report_path)) if fronts and report_path else None
     text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
                          budget_defs=budget_defs, reference=reference or None, selection=selection, fronts=fronts,

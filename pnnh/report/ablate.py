@@ -12,9 +12,11 @@ The config compared holds the model options a variant *names*, not the registry'
 changing a model default, rename (or delete) the runs of variants that relied on it, or they are
 reused as if they were the new default (``docs/results/pnnh_ablation.md`` records such a relabel).
 
-With an lr selection (:func:`choose_lr`, ``pnnh ablate --select-lr``) every variant first trains at
-each learning rate of a grid on a short budget; the one rule picks each (variant, depth)'s lr, and
-the budgets then train at it (``OUT/<budget>@lr<lr>/...`` when it is not the budget's own lr).
+With an lr selection (:func:`choose_lr`, ``pnnh ablate --select-lr``) every family first trains at
+each learning rate of a grid on a short budget; the one rule picks each (family, depth)'s lr, and
+the budgets then train every variant of the family at it (``OUT/<budget>@lr<lr>/...`` when it is
+not the budget's own lr). A variant is its own family unless the catalogue names another variant
+as its ``family`` (the narrower widths of a design train at the lr chosen for its full width).
 
 The report gives, per budget and depth, each variant's test accuracy mean ± sample std over the
 finished seeds, its difference to a reference variant ± the Welch standard error, parameters,
@@ -45,39 +47,54 @@ from ..experiments.runner import run_grid
 from ..experiments.state import check_grid, finished
 from ..models import create_model
 from ..train.config import TrainConfig
+from ..train.device import AMP_DTYPES, autocast
 from ..train.malloc import tune_glibc_malloc
 from ..utils import atomic_write_text, parse_kv
 from .render import frontier_figure, html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
            "format_report", "write_html_report", "side_by_side_throughput", "DEFAULTS", "parse_variant",
-           "split_variants", "choose_lr", "budget_lr", "frontiers", "write_frontier_figures"]
+           "split_variants", "selection_variants", "choose_lr", "budget_lr", "frontiers", "write_frontier_figures"]
 
 MARKER = "ablate_config.json"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A model template (``{d}`` is the depth) and its model kwargs."""
+    """A model template (``{d}`` is the depth), its model kwargs, and the variant whose selected
+    learning rate it trains at (``family``; empty: its own)."""
 
     label: str
     template: str
     kwargs: dict = field(default_factory=dict)
     doc: str = ""
+    family: str = ""
 
     def model(self, depth: int) -> str:
         return self.template.format(d=depth)
+
+    @property
+    def lr_family(self) -> str:
+        return self.family or self.label
 
 
 def _load_catalogue(path: str = "ablate.yaml") -> tuple[dict[str, Variant], dict[str, dict], dict[str, Any]]:
     """``(variants, budgets, defaults)`` from ``configs/ablate.yaml``."""
     d = load_yaml(path)
-    variants = {label: Variant(label, v["model"], dict(v.get("kwargs") or {}), v.get("doc", ""))
+    variants = {label: Variant(label, v["model"], dict(v.get("kwargs") or {}), v.get("doc", ""), v.get("family", ""))
                 for label, v in d["variants"].items()}
+    for v in variants.values():
+        if v.family and (v.family not in variants or variants[v.family].family):
+            raise ConfigError(f"variant {v.label!r}: family {v.family!r} must be a variant that is its own family")
     return variants, {k: dict(v) for k, v in d["budgets"].items()}, dict(d.get("defaults") or {})
 
 
 VARIANTS, BUDGETS, DEFAULTS = _load_catalogue()
+
+
+def selection_variants(variants: list[Variant]) -> list[Variant]:
+    """The variants an lr selection trains: one per family of ``variants`` (the family's own variant)."""
+    return list({v.lr_family: VARIANTS[v.family] if v.family else v for v in variants}.values())
 
 
 def parse_variant(text: str) -> Variant:
@@ -333,17 +350,20 @@ def _cells(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str
 
 
 def _speed_table(speed: list[dict]) -> list[list[str]]:
-    rows = [["model", "options", "params", "img/s (median)", "ratio to the first model of its depth"]]
+    rows = [["model", "options", "precision", "params", "img/s (median)",
+             "ratio to the first model of its depth and precision"]]
     for s in speed:
         opts = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()) or "—"
-        rows.append([s["model"], opts, f"{s['params']:,}", f"{s['img_s']:.0f}", f"{s['ratio']:.2f}"])
+        rows.append([s["model"], opts, s.get("amp") or "fp32", f"{s['params']:,}", f"{s['img_s']:.0f}",
+                     f"{s['ratio']:.2f}"])
     return rows
 
 
 _SPEED_TEXT = ("One process, one thread, alternating the models step by step (A B A B ...) so that the "
                "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128, in the "
                "memory layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is "
-               "each model's median over rounds; the ratio is the median of the per-round ratios.")
+               "each model's median over rounds; the ratio is the median of the per-round ratios. A budget that "
+               "trains under autocast (`amp`) is timed under the same autocast.")
 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
@@ -384,8 +404,9 @@ _FRONTIER_TEXT = ("A design is one model with one set of options, run at one or 
                   "the models alternating step by step (the throughput table), for the variants it measured.")
 
 
-def _speed_of(speed: list[dict] | None, model: str, kwargs: dict) -> float | None:
-    return next((s["img_s"] for s in speed or () if s["model"] == model and s["kwargs"] == kwargs), None)
+def _speed_of(speed: list[dict] | None, model: str, kwargs: dict, amp: str | None = None) -> float | None:
+    return next((s["img_s"] for s in speed or ()
+                 if s["model"] == model and s["kwargs"] == kwargs and s.get("amp") == amp), None)
 
 
 def _design_key(row: dict[str, Any]) -> str:
@@ -394,26 +415,29 @@ def _design_key(row: dict[str, Any]) -> str:
 
 
 def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
-              reference: str | None = "resnet") -> list[dict[str, Any]]:
+              reference: str | None = "resnet", budget_defs: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """Accuracy against cost per (budget, depth): a table and a plot per cost axis.
 
     Variants that run the same model with the same options apart from ``width`` are one *design*
     (named by its shortest variant label), drawn as one line through its widths; a design run at
     one width is one point. The costs are parameters and, for the variants in ``speed`` (training
-    images/s measured side by side, :func:`side_by_side_throughput`), training speed. Returns one
+    images/s measured side by side, :func:`side_by_side_throughput`, in the budget's ``amp``), training
+    speed. Returns one
     entry per cell: ``budget``, ``depth``, ``table`` (rows of strings) and ``figures``
     (``{stem: (caption, PNG bytes)}``).
     """
 
+    budget_defs = budget_defs or BUDGETS
     out = []
     for (b, d), cell in _cells(records).items():
+        amp = budget_defs[b].get("amp")
         groups: dict[str, list[dict]] = {}
         for r in cell:
             groups.setdefault(_design_key(r), []).append(r)
         designs = {min((m["variant"] for m in members), key=len): sorted(members, key=lambda m: m["params"] or 0)
                    for members in groups.values()}
         ref = next((r for r in cell if r["variant"] == reference), None)
-        ref_speed = _speed_of(speed, ref["model"], ref["kwargs"]) if ref else None
+        ref_speed = _speed_of(speed, ref["model"], ref["kwargs"], amp) if ref else None
         head = ["design", "variant", "width", "params", "test acc %", "train img/s (side by side)"]
         if ref is not None and ref["accs"]:
             head[4:4] = [f"params × {reference}"]
@@ -429,7 +453,7 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
                                  + [""] * (len(head) - 4))
                     continue
                 m, sd = stats.mean_std(r["accs"])
-                img = _speed_of(speed, r["model"], r["kwargs"])
+                img = _speed_of(speed, r["model"], r["kwargs"], amp)
                 row = [name, r["variant"], f"{r['kwargs'].get('width', 1.0):g}", f"{r['params']:,}",
                        f"{m:.2f} ± {sd:.2f} ({len(r['accs'])})", "—" if img is None else f"{img:.0f}"]
                 if len(head) > 6:
@@ -532,16 +556,19 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
 
 def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 128, rounds: int = 6,
                             steps_per_round: int = 2, img_size: int = 28, in_chans: int = 1,
-                            channels_last: bool = TrainConfig.channels_last) -> list[dict]:
+                            channels_last: bool = TrainConfig.channels_last, amp: str | None = None) -> list[dict]:
     """Training images/s of several models measured alternately in one process.
 
     Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
     of each model's rate is reported, and its ratio to the first model is the median of the
     per-round ratios (paired, as ``pnnh bench`` reports them: a round's load hits both alike).
     The models run as ``pnnh train`` runs them on CPU: in the engine's default memory layout
-    (channels-last, which selects the PNNH layer's CPU training kernel) and with glibc's malloc tuned.
+    (channels-last, which selects the PNNH layer's CPU training kernel) and with glibc's malloc tuned;
+    ``amp`` (``bf16``/``fp16``) runs the steps under autocast, as a budget with that ``amp`` trains.
+    Each row records the ``amp`` it was measured in.
     """
     tune_glibc_malloc()
+    cpu = torch.device("cpu")
     built = []
     for name, kw in models:
         torch.manual_seed(0)
@@ -560,14 +587,16 @@ def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 12
             t0 = time.perf_counter()
             for _ in range(steps_per_round):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(m(x), y).backward()
+                with autocast(cpu, AMP_DTYPES[amp]):
+                    loss = F.cross_entropy(m(x), y)
+                loss.backward()
                 opt.step()
             if r:  # round 0 warms up
                 rates[i].append(batch_size * steps_per_round / (time.perf_counter() - t0))
     out = []
     for (name, kw, m, _), rs in zip(built, rates):
         out.append({"model": name, "kwargs": kw, "params": sum(p.numel() for p in m.parameters()),
-                    "img_s": statistics.median(rs)})
+                    "img_s": statistics.median(rs), "amp": amp})
     for o, rs in zip(out, rates):
         o["ratio"] = statistics.median(r / r0 for r, r0 in zip(rs, rates[0]))
     return out

@@ -6,8 +6,9 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.report.ablate import (BUDGETS, VARIANTS, aggregate, choose_lr, format_report, frontiers, parse_variant,
-                                side_by_side_throughput, split_variants, write_frontier_figures)
+from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, aggregate, choose_lr, format_report, frontiers,
+                                parse_variant, selection_variants, side_by_side_throughput, split_variants,
+                                write_frontier_figures)
 from pnnh.train import TrainConfig
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
@@ -84,6 +85,36 @@ def test_lr_selection_chooses_per_variant_then_trains_the_budgets_at_the_choice(
     assert "a peak lr chosen per variant" in text and "| variant | model | options | lr | seeds |" in text
     main(args)  # everything is on disk: nothing trains again
     assert "training" not in capsys.readouterr().out
+
+
+def test_lr_selection_runs_once_per_family_and_every_width_trains_at_its_choice(tmp_path, fmnist_dir, capsys,
+                                                                                monkeypatch):
+    """A narrower width names its full-width variant as family: only the family trains the lr grid."""
+    _register_depth_8(monkeypatch)
+    monkeypatch.setitem(VARIANTS, "r", Variant("r", "resnet{d}", {"width": 0.25}))
+    monkeypatch.setitem(VARIANTS, "r-half", Variant("r-half", "resnet{d}", {"width": 0.125}, family="r"))
+    out = tmp_path / "abl"
+    main(["ablate", "--variants", "r-half", "--seeds", "1", "--out", str(out), "--data-dir", str(fmnist_dir), *TINY,
+          "--select-lr", "0.2,0.02", "--select-budget", "short", "--select-seeds", "0"])
+    log = capsys.readouterr().out
+    accs = {lr: json.loads((out / f"short@lr{lr}" / "d8" / "r" / "s0" / "summary.json").read_text())["test_acc"]
+            for lr in ("0.02", "0.2")}
+    best = max(sorted(accs), key=lambda lr: accs[lr])
+    assert not list(out.glob("*/d8/r-half/s0"))  # the width itself trained no selection run
+    marker = json.loads((out / f"short@lr{best}" / "d8" / "r-half" / "s1" / "ablate_config.json").read_text())
+    assert marker["lr"] == float(best) and marker["model_kwargs"] == {"width": 0.125}
+    assert log.count(": training") == 3  # the family at 2 lrs, then the width at the chosen one
+    assert [v.label for v in selection_variants([VARIANTS["r-half"], VARIANTS["r"], VARIANTS["pnnh"]])] == ["r", "pnnh"]
+
+
+def test_catalogue_widths_share_their_familys_design():
+    """A catalogue family is the same model and options at full width, so one lr choice fits both."""
+    members = [v for v in VARIANTS.values() if v.family]
+    assert {v.family for v in members} >= {"resnet", "pnnh", "plain-diracp"}
+    for v in members:
+        fam = VARIANTS[v.family]
+        assert not fam.family and fam.template == v.template, v.label
+        assert {k: x for k, x in v.kwargs.items() if k != "width"} == fam.kwargs and "width" in v.kwargs, v.label
 
 
 def test_choose_lr_rule():
@@ -190,6 +221,26 @@ def test_side_by_side_throughput_times_the_layout_training_uses(monkeypatch, cha
     assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_side_by_side_throughput_times_the_precision_a_budget_trains_in(monkeypatch):
+    import torch
+
+    import pnnh.report.ablate as ablate
+    dtypes = []
+    real = ablate.create_model
+
+    def build(*a, **k):
+        m = real(*a, **k)
+        m.fc.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        return m
+
+    monkeypatch.setattr(ablate, "create_model", build)
+    (row,) = side_by_side_throughput([("resnet20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1,
+                                     amp="bf16")
+    assert row["amp"] == "bf16" and set(dtypes) == {torch.bfloat16}
+    (row,) = side_by_side_throughput([("resnet20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1)
+    assert row["amp"] is None and dtypes[-1] == torch.float32
+
+
 @pytest.mark.parametrize("label, other, tolerance, at_most", [
     ("plain-dirac-eq", "pnnh", 0.01, False),   # dirac plain at the default PNNH's parameter count
     ("pnnh-w1.0625", "resnet", 0.005, True),   # PNNH widened to its ResNet twin's count, not above it
@@ -262,3 +313,9 @@ def test_frontier_joins_the_widths_of_a_design_and_states_cost_ratios(tmp_path):
     assert (tmp_path / "docs" / links["frontier_long_d56_params"]).read_bytes()[:4] == b"\x89PNG"
     text = format_report(recs, "cmd", fronts=[front], figure_links=links)
     assert "## Accuracy against cost: long budget, depth 56" in text and "(cost_frontier_long_d56_speed.png)" in text
+    # a budget that trains in bf16 takes only speeds timed in bf16
+    (front,) = frontiers(recs, speed, reference="resnet", budget_defs={"long": {"epochs": 5, "amp": "bf16"}})
+    assert {r[1]: r[-1] for r in front["table"][1:]}["pnnh-w0.7"] == "—"
+    bf16 = [{**s, "amp": "bf16", "img_s": s["img_s"] * 2} for s in speed]
+    (front,) = frontiers(recs, speed + bf16, reference="resnet", budget_defs={"long": {"epochs": 5, "amp": "bf16"}})
+    assert {r[1]: r[-2] for r in front["table"][1:]}["pnnh-w0.7"] == "300"
