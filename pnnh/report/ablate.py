@@ -237,10 +237,11 @@ def _selection_table(selection: list[dict[str, Any]], mark: str = "**") -> list[
 
 def _selection_text(selection: list[dict[str, Any]], seeds: list[int]) -> str:
     budget = selection[0]["budget"]
-    return (f"Each variant's peak learning rate is chosen the same way before the other budgets run: the "
+    return (f"Each family's peak learning rate is chosen the same way before the other budgets run: the "
             f"{budget} budget at every lr below, seeds {', '.join(map(str, seeds))}; the lr with the highest "
             "mean test accuracy among those at which no seed diverged (a tie goes to the smaller lr). The "
-            "rows after this table train at the chosen lr (column lr).")
+            "rows after this table train at the chosen lr (column lr); a variant whose catalogue entry names "
+            "a family (a narrower width of a design) trains at its family's choice.")
 
 
 # -------------------------------------------------------------------------------------------------
