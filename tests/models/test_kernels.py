@@ -56,6 +56,36 @@ def test_reference_and_kernel_agree_in_values_gradients_and_running_statistics()
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_kernel_tracks_the_reference_under_bf16_autocast():
+    """Training under bf16 autocast (the ``-bf16`` ablation budgets) takes the same kernel, and it is as
+    close to the fp32 layer as the reference layer under the same autocast: logits and every gradient."""
+    torch.manual_seed(0)
+    exact = pnnh.create_model("pnnh20", width=0.5)
+    _randomise_affine(exact)
+    ref, fast = copy.deepcopy(exact), copy.deepcopy(exact).to(memory_format=CL)
+    for m in (exact, ref, fast):
+        m.train()
+    assert _kinds(fast) == {"TiedPNNHConv2d"}
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+
+    def step(m, inp, amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(inp)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        return out.float()
+
+    o32, o_ref, o_fast = step(exact, x, False), step(ref, x, True), step(fast, x.contiguous(memory_format=CL), True)
+    err = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()  # noqa: E731
+    assert 0 < err(o_ref, o32) < 0.03 and err(o_fast, o32) < 2 * err(o_ref, o32)  # bf16 ran, and no worse
+    for (name, p), q, r in zip(exact.named_parameters(), ref.parameters(), fast.parameters()):
+        assert r.grad.dtype == torch.float32, name
+        if p.grad.norm() > 0:
+            assert err(r.grad, p.grad) <= 2 * err(q.grad, p.grad) + 0.02, name
+    for (name, b), c in zip(exact.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(c.float(), b.float(), rtol=0.05, atol=0.02, msg=name)
+
+
 def test_kernels_are_chosen_by_mode_device_format_and_norm_and_are_plain_in_structure():
     m = pnnh.create_model("pnnh20")
     assert _kinds(m.train()) == {"PNNHConv2d"}  # NCHW: the reference
