@@ -287,7 +287,7 @@ def _intro(records: list[dict[str, Any]], budget_defs: dict[str, dict], referenc
     used = dict.fromkeys(r["budget"] for r in records)
     budgets = ", ".join(f"{b} budget = {budget_defs[b]}" for b in used)
     selected = any(r.get("lr_selected") for r in records)
-    lr = "a peak lr chosen per variant (the learning-rate selection)," if selected else f"lr {TrainConfig.lr:g}"
+    lr = "a peak lr chosen per family (the learning-rate selection)," if selected else f"lr {TrainConfig.lr:g}"
     out = [f"Recipe: the engine's defaults (SGD Nesterov, {lr} one-cycle, weight decay 5e-4, batch 128) with the "
            f"fields a budget sets; full 60k/10k Fashion-MNIST; augmentation (random crop + flip): {aug}; "
            f"{budgets}. Test accuracy in %, mean ± sample std "

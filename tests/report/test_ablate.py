@@ -82,7 +82,7 @@ def test_lr_selection_chooses_per_variant_then_trains_the_budgets_at_the_choice(
     text = report.read_text()
     assert "## Learning-rate selection (short budget)" in text
     assert "| variant | depth | lr 0.02 | lr 0.2 | chosen lr |" in text
-    assert "a peak lr chosen per variant" in text and "| variant | model | options | lr | seeds |" in text
+    assert "a peak lr chosen per family" in text and "| variant | model | options | lr | seeds |" in text
     main(args)  # everything is on disk: nothing trains again
     assert "training" not in capsys.readouterr().out
 
