@@ -8,10 +8,12 @@ from pathlib import Path
 
 import click
 
+from ..bench import BenchConfig, run_bench
+from ..bench.bench import parse_spec
 from ..errors import ConfigError
-from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, choose_lr, format_report, frontiers, run_ablation,
-                             selection_variants, side_by_side_throughput, split_variants, write_frontier_figures,
-                             write_html_report)
+from ..report.ablate import (BUDGETS, DEFAULTS, VARIANTS, Variant, choose_lr, format_report, frontiers, run_ablation,
+                             selection_variants, split_variants, write_frontier_figures, write_html_report)
+from ..train.config import TrainConfig
 from .options import launch_options_from, launcher_options
 
 __all__ = ["ablate_cmd"]
@@ -111,7 +113,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         for d in sds:
             click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
             for amp in dict.fromkeys(budget_defs[b].get("amp") for b in bs):  # each precision the budgets train in
-                speed_rows += side_by_side_throughput([(v.model(d), v.kwargs) for v in svs], amp=amp)
+                speed_rows += side_by_side_speed(svs, d, amp, threads=threads)
     command = _command_line(speed)
     fronts = frontiers(records, speed_rows, reference or None, budget_defs) if frontier else None
     links = write_frontier_figures(fronts, Path(report_path)) if fronts and report_path else None
@@ -129,6 +131,30 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     else:
         click.echo(text)
         click.echo(f"report -> {html_path}")
+
+
+def side_by_side_speed(variants: list[Variant], depth: int, amp: str | None = None, **bench) -> list[dict]:
+    """Training images/s of ``variants`` at ``depth``, measured side by side by :func:`pnnh.bench.run_bench`.
+
+    The models train as ``pnnh train`` trains them (the engine's optimizer and memory layout, ``amp``
+    as the budget's); the ratio is to the first variant, paired round by round. ``bench`` overrides
+    :class:`~pnnh.bench.BenchConfig` fields (``repeats``, ``steps``, ``batch_size``). Returns the
+    speed rows :func:`~pnnh.report.ablate.frontiers` reads: model, kwargs, params, img_s, ratio, amp.
+    """
+    specs = [":".join([v.model(depth), *(f"{k}={val}" for k, val in v.kwargs.items())]) for v in variants]
+    for v, spec in zip(variants, specs):
+        try:
+            carried = dict(parse_spec(spec).kwargs)
+        except ConfigError:
+            carried = None
+        if carried != v.kwargs:
+            raise ConfigError(f"variant {v.label}: its options {v.kwargs} do not survive a bench model spec; "
+                              "time it with pnnh bench")
+    cfg = BenchConfig(models=specs, amp=amp, channels_last=TrainConfig.channels_last, memory=False, peak=False,
+                      **{"repeats": 6, "steps": 2, **bench})
+    rows = run_bench(cfg)["rows"]
+    return [{"model": v.model(depth), "kwargs": v.kwargs, "params": r["params"], "img_s": r["img_per_s"],
+             "ratio": r["ratio"], "amp": amp} for v, r in zip(variants, rows)]
 
 
 def _integers(text: str, what: str) -> list[int]:

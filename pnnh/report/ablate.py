@@ -29,14 +29,10 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..experiments import stats
@@ -45,15 +41,12 @@ from ..experiments.launchers import LaunchOptions, make_launcher
 from ..experiments.results import curves
 from ..experiments.runner import run_grid
 from ..experiments.state import check_grid, finished
-from ..models import create_model
 from ..train.config import TrainConfig
-from ..train.device import AMP_DTYPES, autocast
-from ..train.malloc import tune_glibc_malloc
 from ..utils import atomic_write_text, parse_kv
 from .render import frontier_figure, html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
-           "format_report", "write_html_report", "side_by_side_throughput", "DEFAULTS", "parse_variant",
+           "format_report", "write_html_report", "DEFAULTS", "parse_variant",
            "split_variants", "selection_variants", "choose_lr", "budget_lr", "frontiers", "write_frontier_figures"]
 
 MARKER = "ablate_config.json"
@@ -360,11 +353,12 @@ def _speed_table(speed: list[dict]) -> list[list[str]]:
     return rows
 
 
-_SPEED_TEXT = ("One process, one thread, alternating the models step by step (A B A B ...) so that the "
-               "machine's load hits all of them alike; forward + backward + SGD step on a batch of 128, in the "
-               "memory layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is "
-               "each model's median over rounds; the ratio is the median of the per-round ratios. A budget that "
-               "trains under autocast (`amp`) is timed under the same autocast.")
+_SPEED_TEXT = ("Measured by `pnnh bench` in one process with the runs' thread count: the models alternate "
+               "round by round (2 steps each, the order reversed every round) so that the machine's load hits "
+               "all of them alike; forward + backward + the engine's SGD step on a batch of 128, in the memory "
+               "layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is each "
+               "model's median step; the ratio is the median of the per-round ratios. A budget that trains under "
+               "autocast (`amp`) is timed under the same autocast.")
 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
@@ -422,8 +416,8 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
     Variants that run the same model with the same options apart from ``width`` are one *design*
     (named by its shortest variant label), drawn as one line through its widths; a design run at
     one width is one point. The costs are parameters and, for the variants in ``speed`` (training
-    images/s measured side by side, :func:`side_by_side_throughput`, in the budget's ``amp``), training
-    speed. Returns one
+    images/s measured side by side in the budget's ``amp``, as ``pnnh ablate --speed`` measures
+    them), training speed. Returns one
     entry per cell: ``budget``, ``depth``, ``table`` (rows of strings) and ``figures``
     (``{stem: (caption, PNG bytes)}``).
     """
@@ -553,51 +547,3 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), html_page("pnnh ablation", parts))
     return Path(path)
-
-
-def side_by_side_throughput(models: list[tuple[str, dict]], batch_size: int = 128, rounds: int = 6,
-                            steps_per_round: int = 2, img_size: int = 28, in_chans: int = 1,
-                            channels_last: bool = TrainConfig.channels_last, amp: str | None = None) -> list[dict]:
-    """Training images/s of several models measured alternately in one process.
-
-    Each round runs ``steps_per_round`` SGD steps of every model in turn; the median over rounds
-    of each model's rate is reported, and its ratio to the first model is the median of the
-    per-round ratios (paired, as ``pnnh bench`` reports them: a round's load hits both alike).
-    The models run as ``pnnh train`` runs them on CPU: in the engine's default memory layout
-    (channels-last, which selects the PNNH layer's CPU training kernel) and with glibc's malloc tuned;
-    ``amp`` (``bf16``/``fp16``) runs the steps under autocast, as a budget with that ``amp`` trains.
-    Each row records the ``amp`` it was measured in.
-    """
-    tune_glibc_malloc()
-    cpu = torch.device("cpu")
-    built = []
-    for name, kw in models:
-        torch.manual_seed(0)
-        m = create_model(name, num_classes=10, in_chans=in_chans, **kw).train()
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        built.append((name, kw, m, opt))
-    x = torch.randn(batch_size, in_chans, img_size, img_size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
-    rates: list[list[float]] = [[] for _ in built]
-    for r in range(rounds + 1):
-        for i, (_, _, m, opt) in enumerate(built):
-            t0 = time.perf_counter()
-            for _ in range(steps_per_round):
-                opt.zero_grad(set_to_none=True)
-                with autocast(cpu, AMP_DTYPES[amp]):
-                    loss = F.cross_entropy(m(x), y)
-                loss.backward()
-                opt.step()
-            if r:  # round 0 warms up
-                rates[i].append(batch_size * steps_per_round / (time.perf_counter() - t0))
-    out = []
-    for (name, kw, m, _), rs in zip(built, rates):
-        out.append({"model": name, "kwargs": kw, "params": sum(p.numel() for p in m.parameters()),
-                    "img_s": statistics.median(rs), "amp": amp})
-    for o, rs in zip(out, rates):
-        o["ratio"] = statistics.median(r / r0 for r, r0 in zip(rs, rates[0]))
-    return out

@@ -7,7 +7,7 @@ import pytest
 from pnnh.cli import main
 from pnnh.errors import ConfigError
 from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, aggregate, choose_lr, format_report, frontiers,
-                                parse_variant, selection_variants, side_by_side_throughput, split_variants,
+                                parse_variant, selection_variants, split_variants,
                                 write_frontier_figures)
 from pnnh.train import TrainConfig
 
@@ -200,45 +200,40 @@ def test_report_compares_with_the_reference_variant():
     assert "Δ acc vs" not in format_report([r for r in recs if r["variant"] != "resnet"], "cmd")
 
 
-def test_side_by_side_throughput_ratios():
-    rows = side_by_side_throughput([("resnet20", {"width": 0.25}), ("pnnh20", {"width": 0.25})], batch_size=8,
-                                   rounds=1, steps_per_round=1)
+def test_speed_measures_the_variants_side_by_side_as_training_runs_them(tmp_path, fmnist_dir, capsys, monkeypatch):
+    """`--speed` times the frontier's variants with `pnnh bench`: training's layout, the budget's precision."""
+    import pnnh.cli.ablate as cli_ablate
+
+    _register_depth_8(monkeypatch)
+    seen = []
+    real = cli_ablate.run_bench
+    monkeypatch.setattr(cli_ablate, "run_bench", lambda cfg: seen.append((cfg, real(cfg))) or seen[-1][1])
+    out, report = tmp_path / "abl", tmp_path / "r.md"
+    speed_vs = "r=resnet{d}:width=0.25,p=pnnh{d}:width=0.25,coder=pointwise"
+    main(["ablate", "--variants", speed_vs, "--speed", "--speed-variants", speed_vs, "--frontier", "--dry-run",
+          "--out", str(out), "--report", str(report), "--data-dir", str(fmnist_dir), *TINY])
+    ((cfg, raw),) = seen
+    assert cfg.models == ["resnet8:width=0.25", "pnnh8:width=0.25:coder=pointwise"]
+    assert cfg.channels_last == TrainConfig.channels_last and cfg.amp is None and cfg.threads == 1
+    assert [r["dtype"] for r in raw["rows"]] == ["float32", "float32"]
+    text = report.read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| pnnh8 | width=0.25, coder=pointwise | fp32 |"))
+    assert f"{raw['rows'][1]['params']:,}" in row and f"{raw['rows'][1]['img_per_s']:.0f}" in row
+
+    seen.clear()  # a bf16 budget is timed under bf16 autocast
+    rows = cli_ablate.side_by_side_speed(split_variants(speed_vs), 8, "bf16", repeats=1, steps=1, batch_size=4)
+    ((cfg, raw),) = seen
+    assert cfg.amp == "bf16" and [r["dtype"] for r in raw["rows"]] == ["bfloat16", "bfloat16"]
+    assert [(r["model"], r["kwargs"], r["amp"]) for r in rows] == [
+        ("resnet8", {"width": 0.25}, "bf16"), ("pnnh8", {"width": 0.25, "coder": "pointwise"}, "bf16")]
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_side_by_side_throughput_times_the_layout_training_uses(monkeypatch, channels_last):
-    """The speed of a frontier is the speed of `pnnh train`: channels-last by default (the PNNH layer's CPU kernel)."""
-    import torch
+def test_speed_refuses_options_a_bench_spec_cannot_carry():
+    from pnnh.cli.ablate import side_by_side_speed
 
-    import pnnh.report.ablate as ablate
-    built = []
-    real = ablate.create_model
-    monkeypatch.setattr(ablate, "create_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-    side_by_side_throughput([("pnnh20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1,
-                            **({} if channels_last else {"channels_last": False}))
-    conv = next(p for p in built[0].parameters() if p.dim() == 4 and p.shape[1] > 1)
-    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
-
-
-def test_side_by_side_throughput_times_the_precision_a_budget_trains_in(monkeypatch):
-    import torch
-
-    import pnnh.report.ablate as ablate
-    dtypes = []
-    real = ablate.create_model
-
-    def build(*a, **k):
-        m = real(*a, **k)
-        m.fc.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-        return m
-
-    monkeypatch.setattr(ablate, "create_model", build)
-    (row,) = side_by_side_throughput([("resnet20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1,
-                                     amp="bf16")
-    assert row["amp"] == "bf16" and set(dtypes) == {torch.bfloat16}
-    (row,) = side_by_side_throughput([("resnet20", {"width": 0.25})], batch_size=4, rounds=1, steps_per_round=1)
-    assert row["amp"] is None and dtypes[-1] == torch.float32
+    with pytest.raises(ConfigError, match="time it with pnnh bench"):
+        side_by_side_speed([Variant("odd", "pnnh{d}", {"coder": "a:b"})], 20)
 
 
 @pytest.mark.parametrize("label, other, tolerance, at_most", [
