@@ -106,7 +106,7 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
                            launch=launch_opts, lrs=lrs)
     speed_rows = None
-    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating step by step
+    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating round by round
         svs = split_variants(speed_variants)
         sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
         speed_rows = []

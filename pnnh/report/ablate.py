@@ -395,8 +395,8 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
 
 
 _FRONTIER_TEXT = ("A design is one model with one set of options, run at one or more widths (`width` scales every "
-                  "stage). Test accuracy: mean ± sample std (seeds). Training images/s: one process, one thread, "
-                  "the models alternating step by step (the throughput table), for the variants it measured.")
+                  "stage). Test accuracy: mean ± sample std (seeds). Training images/s: measured side by side in the "
+                  "budget's precision (the throughput table), for the variants it measured.")
 
 
 def _speed_of(speed: list[dict] | None, model: str, kwargs: dict, amp: str | None = None) -> float | None:
