@@ -52,6 +52,9 @@ __all__ = ["ablate_cmd"]
               help="Seeds of the lr selection.")
 @click.option("--frontier", is_flag=True, help="Add accuracy-vs-cost tables and plots per budget and depth (widths of "
               "one design joined; speed from --speed). With --report the plots are PNGs beside it.")
+@click.option("--frontier-reference-depth", type=int, help="Join every depth of a budget into one frontier, "
+              "compared with --reference at this depth (depth and width as two ways to a cheaper net); --speed then "
+              "times all depths in one side-by-side measurement, this depth's reference first.")
 @click.option("--dry-run", is_flag=True, help="Only report finished runs; train nothing.")
 @click.option("--notes", type=click.Path(dir_okay=False, exists=True), help="Markdown file to include in the report.")
 @click.option("--reference", default="resnet", show_default=True,
@@ -61,7 +64,7 @@ __all__ = ["ablate_cmd"]
 @click.option("--list", "list_", is_flag=True, help="List the known variants and exit.")
 def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data, data_dir, train_subset, test_subset,
                threads, out, report_path, speed, speed_variants, speed_depths, select_lr, select_budget, select_seeds,
-               frontier, dry_run, notes, reference, list_, **launch) -> None:
+               frontier, frontier_reference_depth, dry_run, notes, reference, list_, **launch) -> None:
     """PNNH coder variants x depths x seeds x budgets against plain / dirac / looks-linear / ResNet.
 
     Resumable: finished runs are reused, interrupted runs continue from their checkpoint.
@@ -106,16 +109,22 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
     records = run_ablation(vs, ds, ss, bs, Path(out), base, dry_run=dry_run, log=click.echo, budget_defs=budget_defs,
                            launch=launch_opts, lrs=lrs)
     speed_rows = None
-    if speed:  # per depth: the reference (ResNet twin) first, then the others, alternating round by round
+    if speed:  # per depth (or all depths at once when joined): the first variant first, alternating by round
         svs = split_variants(speed_variants)
         sds = [int(t) for t in speed_depths.split(",")] if speed_depths else ds
+        if frontier_reference_depth is not None:
+            sds = sorted(sds, key=lambda d: d != frontier_reference_depth)
+            groups = [[(v, d) for d in sds for v in svs]]
+        else:
+            groups = [[(v, d) for v in svs] for d in sds]
         speed_rows = []
-        for d in sds:
-            click.echo(f"throughput, depth {d}: {', '.join(v.label for v in svs)}")
+        for pairs in groups:
+            click.echo(f"throughput: {', '.join(f'{v.label} d{d}' for v, d in pairs)}")
             for amp in dict.fromkeys(budget_defs[b].get("amp") for b in bs):  # each precision the budgets train in
-                speed_rows += side_by_side_speed(svs, d, amp, threads=threads)
+                speed_rows += side_by_side_speed(pairs, amp, threads=threads)
     command = _command_line(speed)
-    fronts = frontiers(records, speed_rows, reference or None, budget_defs) if frontier else None
+    fronts = (frontiers(records, speed_rows, reference or None, budget_defs, reference_depth=frontier_reference_depth)
+              if frontier else None)
     links = write_frontier_figures(fronts, Path(report_path)) if fronts and report_path else None
     text = format_report(records, command, notes=Path(notes).read_text().strip() if notes else "", speed=speed_rows,
                          budget_defs=budget_defs, reference=reference or None, selection=selection, fronts=fronts,
@@ -133,16 +142,17 @@ def ablate_cmd(variants, depths, seeds, budgets, short_steps, long_epochs, data,
         click.echo(f"report -> {html_path}")
 
 
-def side_by_side_speed(variants: list[Variant], depth: int, amp: str | None = None, **bench) -> list[dict]:
-    """Training images/s of ``variants`` at ``depth``, measured side by side by :func:`pnnh.bench.run_bench`.
+def side_by_side_speed(pairs: list[tuple[Variant, int]], amp: str | None = None, **bench) -> list[dict]:
+    """Training images/s of each ``(variant, depth)``, measured side by side by :func:`pnnh.bench.run_bench`.
 
     The models train as ``pnnh train`` trains them (the engine's optimizer and memory layout, ``amp``
-    as the budget's); the ratio is to the first variant, paired round by round. ``bench`` overrides
-    :class:`~pnnh.bench.BenchConfig` fields (``repeats``, ``steps``, ``batch_size``). Returns the
-    speed rows :func:`~pnnh.report.ablate.frontiers` reads: model, kwargs, params, img_s, ratio, amp.
+    as the budget's); the ratio is to the first pair, paired round by round. ``bench`` overrides
+    :class:`~pnnh.bench.BenchConfig` fields (``repeats``, ``steps``, ``batch_size``, ``threads``).
+    Returns the speed rows :func:`~pnnh.report.ablate.frontiers` reads: model, kwargs, params,
+    img_s, ratio, amp.
     """
-    specs = [":".join([v.model(depth), *(f"{k}={val}" for k, val in v.kwargs.items())]) for v in variants]
-    for v, spec in zip(variants, specs):
+    specs = [":".join([v.model(d), *(f"{k}={val}" for k, val in v.kwargs.items())]) for v, d in pairs]
+    for (v, _), spec in zip(pairs, specs):
         try:
             carried = dict(parse_spec(spec).kwargs)
         except ConfigError:
@@ -153,8 +163,8 @@ def side_by_side_speed(variants: list[Variant], depth: int, amp: str | None = No
     cfg = BenchConfig(models=specs, amp=amp, channels_last=TrainConfig.channels_last, memory=False, peak=False,
                       **{"repeats": 6, "steps": 2, **bench})
     rows = run_bench(cfg)["rows"]
-    return [{"model": v.model(depth), "kwargs": v.kwargs, "params": r["params"], "img_s": r["img_per_s"],
-             "ratio": r["ratio"], "amp": amp} for v, r in zip(variants, rows)]
+    return [{"model": v.model(d), "kwargs": v.kwargs, "params": r["params"], "img_s": r["img_per_s"],
+             "ratio": r["ratio"], "amp": amp} for (v, d), r in zip(pairs, rows)]
 
 
 def _integers(text: str, what: str) -> list[int]:
@@ -188,6 +198,8 @@ def _command_line(speed: bool) -> str:
             continue
         if p.name == "speed":
             parts.append("--speed" if v else "--no-speed")
+        elif getattr(p, "is_flag", False):
+            parts.append(p.opts[0])
         else:
             parts += [p.opts[0], str(v)]
     return " ".join(shlex.quote(a) for a in parts)

@@ -387,7 +387,7 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
     if speed:
         lines += ["## Training throughput, side by side", "", _SPEED_TEXT, "", md_table(_speed_table(speed)), ""]
     for front in fronts or ():
-        lines += [f"## Accuracy against cost: {front['budget']} budget, depth {front['depth']}", "",
+        lines += [f"## Accuracy against cost: {front['budget']} budget, {front['where']}", "",
                   _FRONTIER_TEXT, "", md_table(front["table"]), ""]
         lines += [f"![{caption}]({figure_links[stem]})\n" for stem, (caption, _) in front["figures"].items()
                   if stem in (figure_links or {})]
@@ -410,68 +410,86 @@ def _design_key(row: dict[str, Any]) -> str:
 
 
 def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
-              reference: str | None = "resnet", budget_defs: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+              reference: str | None = "resnet", budget_defs: dict[str, dict] | None = None,
+              reference_depth: int | None = None) -> list[dict[str, Any]]:
     """Accuracy against cost per (budget, depth): a table and a plot per cost axis.
 
     Variants that run the same model with the same options apart from ``width`` are one *design*
     (named by its shortest variant label), drawn as one line through its widths; a design run at
     one width is one point. The costs are parameters and, for the variants in ``speed`` (training
     images/s measured side by side in the budget's ``amp``, as ``pnnh ablate --speed`` measures
-    them), training speed. Returns one
-    entry per cell: ``budget``, ``depth``, ``table`` (rows of strings) and ``figures``
-    (``{stem: (caption, PNG bytes)}``).
+    them), training speed. With ``reference_depth`` every depth of a budget joins one frontier (a
+    design at another depth is another design, named with its depth), compared with ``reference``
+    at that depth: depth and width as two ways of making a net cheaper. Returns one entry per
+    frontier: ``budget``, ``depth`` (``None`` when depths are joined), ``where`` (its depths in
+    words), ``table`` (rows of strings) and ``figures`` (``{stem: (caption, PNG bytes)}``).
     """
 
     budget_defs = budget_defs or BUDGETS
-    out = []
+    cells: dict[tuple[str, int | None], list[dict]] = {}
     for (b, d), cell in _cells(records).items():
+        cells.setdefault((b, None if reference_depth is not None else d), []).extend(cell)
+    out = []
+    for (b, d), cell in cells.items():
         amp = budget_defs[b].get("amp")
+        depths = sorted({r["depth"] for r in cell})
+        where = f"depth {depths[0]}" if len(depths) == 1 else f"depths {', '.join(map(str, depths))}"
+        suffix = (lambda r: f" d{r['depth']}") if len(depths) > 1 else (lambda r: "")
         groups: dict[str, list[dict]] = {}
         for r in cell:
             groups.setdefault(_design_key(r), []).append(r)
-        designs = {min((m["variant"] for m in members), key=len): sorted(members, key=lambda m: m["params"] or 0)
-                   for members in groups.values()}
-        ref = next((r for r in cell if r["variant"] == reference), None)
+        designs = {min((m["variant"] for m in members), key=len) + suffix(members[0]):
+                   sorted(members, key=lambda m: m["params"] or 0) for members in groups.values()}
+        ref = next((r for r in cell if r["variant"] == reference and (d is not None or r["depth"] == reference_depth)),
+                   None)
         ref_speed = _speed_of(speed, ref["model"], ref["kwargs"], amp) if ref else None
         head = ["design", "variant", "width", "params", "test acc %", "train img/s (side by side)"]
+        if len(depths) > 1:
+            reference_text = f"{reference} d{reference_depth}"
+            head[2:2] = ["depth"]
+        else:
+            reference_text = reference
+        base = len(head)
         if ref is not None and ref["accs"]:
-            head[4:4] = [f"params × {reference}"]
-            head[6:6] = [f"Δ acc vs {reference}"]
-            head.append(f"speed × {reference}")
+            head[base - 2:base - 2] = [f"params × {reference_text}"]
+            head[base:base] = [f"Δ acc vs {reference_text}"]
+            head.append(f"speed × {reference_text}")
         table = [head]
         by_params: dict[str, list] = {}
         by_speed: dict[str, list] = {}
         for name, members in designs.items():
             for r in members:
+                first = [name, r["variant"]] + ([str(r["depth"])] if len(depths) > 1 else [])
+                first.append(f"{r['kwargs'].get('width', 1.0):g}")
                 if not r["accs"]:
-                    table.append([name, r["variant"], f"{r['kwargs'].get('width', 1.0):g}", "not run"]
-                                 + [""] * (len(head) - 4))
+                    table.append(first + ["not run"] + [""] * (len(head) - len(first) - 1))
                     continue
                 m, sd = stats.mean_std(r["accs"])
                 img = _speed_of(speed, r["model"], r["kwargs"], amp)
-                row = [name, r["variant"], f"{r['kwargs'].get('width', 1.0):g}", f"{r['params']:,}",
-                       f"{m:.2f} ± {sd:.2f} ({len(r['accs'])})", "—" if img is None else f"{img:.0f}"]
-                if len(head) > 6:
+                row = first + [f"{r['params']:,}", f"{m:.2f} ± {sd:.2f} ({len(r['accs'])})",
+                               "—" if img is None else f"{img:.0f}"]
+                if len(head) > base:
                     diff = difference(r, ref)
-                    row[4:4] = [f"{r['params'] / ref['params']:.3f}"]
-                    row[6:6] = ["—" if r is ref else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
+                    row[base - 2:base - 2] = [f"{r['params'] / ref['params']:.3f}"]
+                    row[base:base] = ["—" if r is ref else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
                     row.append("—" if img is None or ref_speed is None else f"{img / ref_speed:.3f}")
                 table.append(row)
                 by_params.setdefault(name, []).append((r["params"], m, sd))
                 if img is not None:
                     by_speed.setdefault(name, []).append((img, m, sd))
         figures = {}
+        stem = f"frontier_{b}_d{d}" if d is not None else f"frontier_{b}_d{'-'.join(map(str, depths))}"
         if by_params:
-            figures[f"frontier_{b}_d{d}_params"] = (
-                f"Test accuracy (mean ± std over seeds) against parameters, {b} budget, depth {d}; a line joins "
+            figures[f"{stem}_params"] = (
+                f"Test accuracy (mean ± std over seeds) against parameters, {b} budget, {where}; a line joins "
                 "the widths of one design.",
-                frontier_figure(by_params, "parameters", f"Accuracy vs parameters (depth {d})", params_axis=True))
+                frontier_figure(by_params, "parameters", f"Accuracy vs parameters ({where})", params_axis=True))
         if by_speed:
-            figures[f"frontier_{b}_d{d}_speed"] = (
-                f"Test accuracy against training images/s measured side by side, {b} budget, depth {d}.",
+            figures[f"{stem}_speed"] = (
+                f"Test accuracy against training images/s measured side by side, {b} budget, {where}.",
                 frontier_figure(by_speed, "training images/s (side by side)",
-                                f"Accuracy vs training speed (depth {d})"))
-        out.append({"budget": b, "depth": d, "table": table, "figures": figures})
+                                f"Accuracy vs training speed ({where})"))
+        out.append({"budget": b, "depth": d, "where": where, "table": table, "figures": figures})
     return out
 
 
@@ -541,7 +559,7 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
         parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_SPEED_TEXT)}</p>"
                      + html_table(_speed_table(speed)))
     for front in fronts or ():
-        parts += [f"<h2>Accuracy against cost: {e(front['budget'])} budget, depth {front['depth']}</h2>",
+        parts += [f"<h2>Accuracy against cost: {e(front['budget'])} budget, {e(front['where'])}</h2>",
                   f"<p>{e(_FRONTIER_TEXT)}</p>", html_table(front["table"])]
         parts += [html_figure(caption, png) for caption, png in front["figures"].values()]
     Path(path).parent.mkdir(parents=True, exist_ok=True)

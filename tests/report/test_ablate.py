@@ -9,6 +9,7 @@ from pnnh.errors import ConfigError
 from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, aggregate, choose_lr, format_report, frontiers,
                                 parse_variant, selection_variants, split_variants,
                                 write_frontier_figures)
+from pnnh.models import create_model
 from pnnh.train import TrainConfig
 
 TINY = ["--depths", "8", "--budgets", "short", "--short-steps", "3", "--train-subset", "256",
@@ -221,7 +222,8 @@ def test_speed_measures_the_variants_side_by_side_as_training_runs_them(tmp_path
     assert f"{raw['rows'][1]['params']:,}" in row and f"{raw['rows'][1]['img_per_s']:.0f}" in row
 
     seen.clear()  # a bf16 budget is timed under bf16 autocast
-    rows = cli_ablate.side_by_side_speed(split_variants(speed_vs), 8, "bf16", repeats=1, steps=1, batch_size=4)
+    rows = cli_ablate.side_by_side_speed([(v, 8) for v in split_variants(speed_vs)], "bf16", repeats=1, steps=1,
+                                        batch_size=4)
     ((cfg, raw),) = seen
     assert cfg.amp == "bf16" and [r["dtype"] for r in raw["rows"]] == ["bfloat16", "bfloat16"]
     assert [(r["model"], r["kwargs"], r["amp"]) for r in rows] == [
@@ -229,11 +231,38 @@ def test_speed_measures_the_variants_side_by_side_as_training_runs_them(tmp_path
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
 
 
+def test_frontier_across_depths_compares_every_depth_with_the_reference_depth(tmp_path, fmnist_dir, monkeypatch):
+    """Depth and width as two ways to a cheaper net: one frontier, one side-by-side speed measurement."""
+    import pnnh.cli.ablate as cli_ablate
+
+    _register_depth_8(monkeypatch)
+    seen = []
+    real = cli_ablate.run_bench
+    monkeypatch.setattr(cli_ablate, "run_bench", lambda cfg: seen.append(cfg) or real(cfg))
+    out, report = tmp_path / "abl", tmp_path / "r.md"
+    main(["ablate", "--variants", VARS, "--depths", "8,20", *TINY[2:], "--out", str(out), "--report", str(report),
+          "--data-dir", str(fmnist_dir), "--frontier", "--frontier-reference-depth", "20", "--reference", "r",
+          "--speed", "--speed-variants", "r=resnet{d}:width=0.25,p=pnnh{d}:width=0.25"])
+    (cfg,) = seen  # all depths in one measurement, the reference depth first
+    assert cfg.models == ["resnet20:width=0.25", "pnnh20:width=0.25", "resnet8:width=0.25", "pnnh8:width=0.25"]
+    text = report.read_text()
+    assert "--frontier --frontier-reference-depth 20" in text and "--frontier True" not in text
+    assert text.count("## Accuracy against cost:") == 1 and "## Accuracy against cost: short budget, depths 8, 20" in text
+    lines = text.splitlines()
+    head = next(l for l in lines if l.startswith("| design | variant | depth | width |"))
+    assert "params × r d20" in head and "Δ acc vs r d20" in head and "speed × r d20" in head
+    ref = next(l for l in lines if l.startswith("| r d20 | r | 20 | 0.25 |"))
+    small = next(l for l in lines if l.startswith("| p d8 | p | 8 | 0.25 |")).split(" | ")
+    params = lambda m: sum(t.numel() for t in create_model(m, num_classes=10, in_chans=1, width=0.25).parameters())
+    assert small[5] == f"{params('pnnh8') / params('resnet20'):.3f}" and "| 1.000 |" in ref
+    assert (tmp_path / "r_frontier_short_d8-20_params.png").exists()
+
+
 def test_speed_refuses_options_a_bench_spec_cannot_carry():
     from pnnh.cli.ablate import side_by_side_speed
 
     with pytest.raises(ConfigError, match="time it with pnnh bench"):
-        side_by_side_speed([Variant("odd", "pnnh{d}", {"coder": "a:b"})], 20)
+        side_by_side_speed([(Variant("odd", "pnnh{d}", {"coder": "a:b"}), 20)])
 
 
 @pytest.mark.parametrize("label, other, tolerance, at_most", [
