@@ -149,7 +149,7 @@ def side_by_side_speed(pairs: list[tuple[Variant, int]], amp: str | None = None,
     as the budget's); the ratio is to the first pair, paired round by round. ``bench`` overrides
     :class:`~pnnh.bench.BenchConfig` fields (``repeats``, ``steps``, ``batch_size``, ``threads``).
     Returns the speed rows :func:`~pnnh.report.ablate.frontiers` reads: model, kwargs, params,
-    img_s, ratio, amp.
+    img_s, ratio, ratio_to (the first pair's model spec), steps (per model per round), batch_size, amp.
     """
     specs = [":".join([v.model(d), *(f"{k}={val}" for k, val in v.kwargs.items())]) for v, d in pairs]
     for (v, _), spec in zip(pairs, specs):
@@ -164,7 +164,9 @@ def side_by_side_speed(pairs: list[tuple[Variant, int]], amp: str | None = None,
                       **{"repeats": 6, "steps": 2, **bench})
     rows = run_bench(cfg)["rows"]
     return [{"model": v.model(d), "kwargs": v.kwargs, "params": r["params"], "img_s": r["img_per_s"],
-             "ratio": r["ratio"], "amp": amp} for (v, d), r in zip(pairs, rows)]
+             "ratio": r["ratio"], "ratio_to": specs[0], "steps": cfg.steps,
+             "batch_size": cfg.batch_size, "amp": amp}
+            for (v, d), r in zip(pairs, rows)]
 
 
 def _integers(text: str, what: str) -> list[int]:

@@ -344,21 +344,29 @@ def _cells(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str
 
 
 def _speed_table(speed: list[dict]) -> list[list[str]]:
-    rows = [["model", "options", "precision", "params", "img/s (median)",
-             "ratio to the first model of its depth and precision"]]
+    rows = [["model", "options", "precision", "params", "img/s (median)", "ratio", "ratio to"]]
     for s in speed:
         opts = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items()) or "—"
         rows.append([s["model"], opts, s.get("amp") or "fp32", f"{s['params']:,}", f"{s['img_s']:.0f}",
-                     f"{s['ratio']:.2f}"])
+                     f"{s['ratio']:.2f}", s.get("ratio_to", "the first model timed with it")])
     return rows
 
 
-_SPEED_TEXT = ("Measured by `pnnh bench` in one process with the runs' thread count: the models alternate "
-               "round by round (2 steps each, the order reversed every round) so that the machine's load hits "
-               "all of them alike; forward + backward + the engine's SGD step on a batch of 128, in the memory "
-               "layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is each "
-               "model's median step; the ratio is the median of the per-round ratios. A budget that trains under "
-               "autocast (`amp`) is timed under the same autocast.")
+def _speed_text(speed: list[dict]) -> str:
+    """What the throughput table measured; steps per round and batch size are read from the rows."""
+    def values(key: str) -> str:
+        return "/".join(str(v) for v in sorted({s[key] for s in speed if key in s}))
+
+    steps, batch = values("steps"), values("batch_size")
+    per_round = f"{steps} step{'s' if steps != '1' else ''} each, " if steps else ""
+    batch = f" of {batch}" if batch else ""
+    return ("Measured by `pnnh bench` in one process with the runs' thread count: the models alternate "
+            f"round by round ({per_round}the order reversed every round) so that the machine's load hits "
+            f"all of them alike; forward + backward + the engine's SGD step on a batch{batch}, in the memory "
+            "layout `pnnh train` uses (channels-last) with glibc's malloc tuned as in training. img/s is each "
+            "model's median step; the ratio is the median of the per-round ratios to the model in the last "
+            "column, the first of the models timed together. A budget that trains under autocast (`amp`) is "
+            "timed under the same autocast.")
 
 
 def format_report(records: list[dict[str, Any]], command: str, notes: str = "", speed: list[dict] | None = None,
@@ -385,7 +393,7 @@ def format_report(records: list[dict[str, Any]], command: str, notes: str = "", 
     for (b, d), cell in _cells(records).items():
         lines += [f"## {b} budget, depth {d}", "", md_table(_cell_table(cell, reference)), ""]
     if speed:
-        lines += ["## Training throughput, side by side", "", _SPEED_TEXT, "", md_table(_speed_table(speed)), ""]
+        lines += ["## Training throughput, side by side", "", _speed_text(speed), "", md_table(_speed_table(speed)), ""]
     for front in fronts or ():
         lines += [f"## Accuracy against cost: {front['budget']} budget, {front['where']}", "",
                   _FRONTIER_TEXT, "", md_table(front["table"]), ""]
@@ -556,7 +564,7 @@ def write_html_report(path: Path, records: list[dict[str, Any]], command: str, n
             parts += [html_figure(f"{b} budget: {figs[k][0]}", figs[k][1])
                       for k in ("accuracy_vs_depth", "accuracy_vs_params", "loss_curves") if k in figs]
     if speed:
-        parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_SPEED_TEXT)}</p>"
+        parts.append("<h2>Training throughput, side by side</h2>" + f"<p>{e(_speed_text(speed))}</p>"
                      + html_table(_speed_table(speed)))
     for front in fronts or ():
         parts += [f"<h2>Accuracy against cost: {e(front['budget'])} budget, {e(front['where'])}</h2>",

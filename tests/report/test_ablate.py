@@ -229,6 +229,10 @@ def test_speed_measures_the_variants_side_by_side_as_training_runs_them(tmp_path
     assert [(r["model"], r["kwargs"], r["amp"]) for r in rows] == [
         ("resnet8", {"width": 0.25}, "bf16"), ("pnnh8", {"width": 0.25, "coder": "pointwise"}, "bf16")]
     assert rows[0]["ratio"] == 1.0 and rows[1]["img_s"] > 0 and rows[1]["params"] < rows[0]["params"]
+    assert {r["ratio_to"] for r in rows} == {"resnet8:width=0.25"}
+    text = format_report([], "cmd", speed=rows)  # the page states the measurement as it was made
+    assert "(1 step each," in text and "a batch of 4," in text and "2 steps" not in text
+    assert text.count("| resnet8:width=0.25 |") == 2
 
 
 def test_frontier_across_depths_compares_every_depth_with_the_reference_depth(tmp_path, fmnist_dir, monkeypatch):
@@ -256,6 +260,8 @@ def test_frontier_across_depths_compares_every_depth_with_the_reference_depth(tm
     params = lambda m: sum(t.numel() for t in create_model(m, num_classes=10, in_chans=1, width=0.25).parameters())
     assert small[5] == f"{params('pnnh8') / params('resnet20'):.3f}" and "| 1.000 |" in ref
     assert (tmp_path / "r_frontier_short_d8-20_params.png").exists()
+    speed_rows = [l for l in lines if l.startswith("| pnnh8 |") or l.startswith("| resnet8 |")]
+    assert speed_rows and all(l.endswith("| resnet20:width=0.25 |") for l in speed_rows)  # ratios to the reference depth
 
 
 def test_speed_refuses_options_a_bench_spec_cannot_carry():
