@@ -43,7 +43,7 @@ from ..experiments.runner import run_grid
 from ..experiments.state import check_grid, finished
 from ..train.config import TrainConfig
 from ..utils import atomic_write_text, parse_kv
-from .render import frontier_figure, html_figure, html_page, html_table, make_figures, md_table
+from .render import epoch_loss_figure, frontier_figure, html_figure, html_page, html_table, make_figures, md_table
 
 __all__ = ["VARIANTS", "Variant", "BUDGETS", "MARKER", "ablation_grid", "run_ablation", "aggregate", "difference",
            "format_report", "write_html_report", "DEFAULTS", "parse_variant",
@@ -248,7 +248,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (r["budget"], r["depth"], r["variant"])
         row = rows.setdefault(key, {"budget": key[0], "depth": key[1], "variant": key[2], "model": r["model"],
                                     "kwargs": r["kwargs"], "accs": [], "img_s": [], "wall": [], "params": None,
-                                    "missing": [], "diverged": [], "lr": r.get("lr"),
+                                    "missing": [], "diverged": [], "losses": [], "lr": r.get("lr"),
                                     "lr_selected": r.get("lr_selected", False)})
         s = r["summary"]
         if s is None:
@@ -260,7 +260,26 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["img_s"].append(s["train_img_per_s"])
             row["wall"].append(s["wall_s"])
             row["params"] = s["params"]
+            if r.get("dir"):
+                row["losses"].append(epoch_losses(Path(r["dir"]) / "metrics.jsonl"))
     return list(rows.values())
+
+
+def epoch_losses(metrics: Path) -> list[tuple[float, float]]:
+    """``(epoch, mean training loss of that epoch)`` per evaluated epoch of a run's ``metrics.jsonl``."""
+    try:
+        lines = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [(ln["epoch"], ln["train_loss"]) for ln in lines
+            if ln.get("epoch") is not None and ln.get("train_loss") is not None]
+
+
+def _mean_losses(runs: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The seeds' mean training loss at each epoch every seed logged."""
+    runs = [dict(r) for r in runs if r]
+    epochs = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    return [(e, stats.mean([r[e] for r in runs])) for e in epochs]
 
 
 def difference(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float] | None:
@@ -430,7 +449,10 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
     design at another depth is another design, named with its depth), compared with ``reference``
     at that depth: depth and width as two ways of making a net cheaper. Returns one entry per
     frontier: ``budget``, ``depth`` (``None`` when depths are joined), ``where`` (its depths in
-    words), ``table`` (rows of strings) and ``figures`` (``{stem: (caption, PNG bytes)}``).
+    words), ``table`` (rows of strings, the last column the final epoch's training loss, the
+    seeds' mean) and ``figures`` (``{stem: (caption, PNG bytes)}``: accuracy against each cost
+    axis, and every variant's training loss per epoch, which shows whether a design that falls
+    short underfits).
     """
 
     budget_defs = budget_defs or BUDGETS
@@ -462,9 +484,11 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
             head[base - 2:base - 2] = [f"params × {reference_text}"]
             head[base:base] = [f"Δ acc vs {reference_text}"]
             head.append(f"speed × {reference_text}")
+        head.append("train loss, last epoch")
         table = [head]
         by_params: dict[str, list] = {}
         by_speed: dict[str, list] = {}
+        by_loss: dict[str, list] = {}
         for name, members in designs.items():
             for r in members:
                 first = [name, r["variant"]] + ([str(r["depth"])] if len(depths) > 1 else [])
@@ -481,6 +505,10 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
                     row[base - 2:base - 2] = [f"{r['params'] / ref['params']:.3f}"]
                     row[base:base] = ["—" if r is ref else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
                     row.append("—" if img is None or ref_speed is None else f"{img / ref_speed:.3f}")
+                losses = _mean_losses(r["losses"])
+                row.append(f"{losses[-1][1]:.3f}" if losses else "—")
+                if losses:
+                    by_loss[r["variant"] + suffix(r)] = losses
                 table.append(row)
                 by_params.setdefault(name, []).append((r["params"], m, sd))
                 if img is not None:
@@ -497,6 +525,11 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
                 f"Test accuracy against training images/s measured side by side, {b} budget, {where}.",
                 frontier_figure(by_speed, "training images/s (side by side)",
                                 f"Accuracy vs training speed ({where})"))
+        if by_loss:
+            figures[f"{stem}_loss"] = (
+                f"Training loss per epoch (the epoch's mean, averaged over seeds), {b} budget, {where}: how well "
+                "each design fits the training set.",
+                epoch_loss_figure(by_loss, f"Training loss ({where})"))
         out.append({"budget": b, "depth": d, "where": where, "table": table, "figures": figures})
     return out
 

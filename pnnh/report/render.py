@@ -22,7 +22,7 @@ from ..experiments.stats import difference, mean, sample_std
 from ..utils import atomic_write_text
 
 __all__ = ["Section", "Group", "Contrast", "aggregate", "contrast", "verdicts", "VERDICT_RULE", "make_figures",
-           "frontier_figure", "render_markdown", "render_html",
+           "frontier_figure", "epoch_loss_figure", "render_markdown", "render_html",
            "html_page", "html_figure", "md_table", "html_table", "write_report", "load_results"]
 
 # classes per dataset, for the chance level (imagefolder: unknown, no chance line)
@@ -404,6 +404,25 @@ def frontier_figure(designs: dict[str, list[tuple[float, float, float]]], xlabel
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def epoch_loss_figure(variants: dict[str, list[tuple[float, float]]], title: str) -> bytes:
+    """PNG of training loss against epoch: per variant a line through its ``(epoch, loss)`` points."""
+    import matplotlib
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    palette = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    for i, (name, points) in enumerate(variants.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=palette(i % palette.N), label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (epoch mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _png(fig)

@@ -260,6 +260,8 @@ def test_frontier_across_depths_compares_every_depth_with_the_reference_depth(tm
     params = lambda m: sum(t.numel() for t in create_model(m, num_classes=10, in_chans=1, width=0.25).parameters())
     assert small[5] == f"{params('pnnh8') / params('resnet20'):.3f}" and "| 1.000 |" in ref
     assert (tmp_path / "r_frontier_short_d8-20_params.png").exists()
+    assert (tmp_path / "r_frontier_short_d8-20_loss.png").read_bytes()[:4] == b"\x89PNG"  # why a design falls short
+    assert head.endswith("| train loss, last epoch |") and float(small[-2]) > 0  # the seeds' final-epoch loss
     speed_rows = [l for l in lines if l.startswith("| pnnh8 |") or l.startswith("| resnet8 |")]
     assert speed_rows and all(l.endswith("| resnet20:width=0.25 |") for l in speed_rows)  # ratios to the reference depth
 
@@ -333,11 +335,12 @@ def test_frontier_joins_the_widths_of_a_design_and_states_cost_ratios(tmp_path):
     (front,) = frontiers(recs, speed, reference="resnet")
     head, *rows = front["table"]
     assert head == ["design", "variant", "width", "params", "params × resnet", "test acc %", "Δ acc vs resnet",
-                    "train img/s (side by side)", "speed × resnet"]
+                    "train img/s (side by side)", "speed × resnet", "train loss, last epoch"]
     by_variant = {r[1]: r for r in rows}
     assert by_variant["resnet-w0.5"][:5] == ["resnet", "resnet-w0.5", "0.5", "250", "0.250"]  # one design, two widths
-    assert by_variant["pnnh-w0.7"][0] == "pnnh-w0.7" and by_variant["pnnh-w0.7"][-1] == "1.500"
-    assert by_variant["pnnh-w0.7"][6] == "-1.00 ± 1.00" and by_variant["resnet-w0.5"][-1] == "—"  # speed not measured
+    assert by_variant["pnnh-w0.7"][0] == "pnnh-w0.7" and by_variant["pnnh-w0.7"][-2] == "1.500"
+    assert by_variant["pnnh-w0.7"][6] == "-1.00 ± 1.00" and by_variant["resnet-w0.5"][-2] == "—"  # speed not measured
+    assert by_variant["resnet"][-1] == "—"  # no metrics.jsonl: no loss curve
     assert set(front["figures"]) == {"frontier_long_d56_params", "frontier_long_d56_speed"}
     links = write_frontier_figures([front], tmp_path / "docs" / "cost.md")
     assert (tmp_path / "docs" / links["frontier_long_d56_params"]).read_bytes()[:4] == b"\x89PNG"
@@ -345,7 +348,7 @@ def test_frontier_joins_the_widths_of_a_design_and_states_cost_ratios(tmp_path):
     assert "## Accuracy against cost: long budget, depth 56" in text and "(cost_frontier_long_d56_speed.png)" in text
     # a budget that trains in bf16 takes only speeds timed in bf16
     (front,) = frontiers(recs, speed, reference="resnet", budget_defs={"long": {"epochs": 5, "amp": "bf16"}})
-    assert {r[1]: r[-1] for r in front["table"][1:]}["pnnh-w0.7"] == "—"
+    assert {r[1]: r[-2] for r in front["table"][1:]}["pnnh-w0.7"] == "—"
     bf16 = [{**s, "amp": "bf16", "img_s": s["img_s"] * 2} for s in speed]
     (front,) = frontiers(recs, speed + bf16, reference="resnet", budget_defs={"long": {"epochs": 5, "amp": "bf16"}})
-    assert {r[1]: r[-2] for r in front["table"][1:]}["pnnh-w0.7"] == "300"
+    assert {r[1]: r[-3] for r in front["table"][1:]}["pnnh-w0.7"] == "300"
