@@ -412,6 +412,7 @@ def frontier_figure(designs: dict[str, list[tuple[float, float, float]]], xlabel
 def epoch_loss_figure(variants: dict[str, list[tuple[float, float]]], title: str) -> bytes:
     """PNG of training loss against epoch: per variant a line through its ``(epoch, loss)`` points."""
     import matplotlib
+    import matplotlib.ticker
 
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -419,6 +420,9 @@ def epoch_loss_figure(variants: dict[str, list[tuple[float, float]]], title: str
     for i, (name, points) in enumerate(variants.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=palette(i % palette.N), label=name)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (epoch mean)")
     ax.set_title(title)
