@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models import create_model, is_factory_spec, load_factory, model_info
 from ..train.config import TrainConfig
-from ..train.device import AMP_DTYPES, autocast, resolve_device
+from ..train.device import AMP_DTYPES, amp_warning, autocast, cpu_bf16_native, resolve_device
 from ..train.engine import build_optimizer
 from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
@@ -340,6 +340,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_bf16_native"] = cpu_bf16_native()
     return info
 
 
@@ -426,6 +428,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    for amp in dict.fromkeys(parse_spec(m, cfg).amp for m in cfg.models):
+        if note := amp_warning(device, amp):
+            log(f"warning: {note}")
     # as the training engine does, so the bench measures what training runs; whether freed host
     # memory stays in the process moves CPU step times, so the result records it
     malloc_tuned = tune_glibc_malloc() if device.type == "cpu" else None

@@ -32,7 +32,7 @@ from ..data import InMemoryLoader, load_dataset
 from ..errors import CheckpointError, ConfigError, DivergenceError, PeerError, PnnhError
 from . import distributed as dist_utils
 from ..utils import remove_stale_temp_files
-from .device import AMP_DTYPES, autocast, resolve_device
+from .device import AMP_DTYPES, amp_warning, autocast, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint, read_state, save_checkpoint, save_weights
 from .config import RESUME_KEYS, TrainConfig
 from .malloc import tune_glibc_malloc
@@ -227,6 +227,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("sync_bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     amp_dtype = AMP_DTYPES[cfg.amp]
+    if is_main and (note := amp_warning(device, cfg.amp)):
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     resume = cfg.resume or _is_restart_of_this_job(cfg)
     out = _on_main(lambda: _prepare_out(cfg, resume), is_main)  # rank 0 prepares, every rank waits for it
     if not is_main:

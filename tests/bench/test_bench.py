@@ -86,6 +86,19 @@ def test_per_model_options_apply_to_that_model_only():
     assert variant["peak_frac"] > 0
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(monkeypatch):
+    import pnnh.bench.bench as bench
+    import pnnh.train.device as device
+
+    monkeypatch.setattr(device, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(bench, "cpu_bf16_native", lambda: False)
+    lines = []
+    res = run_bench(BenchConfig(models=["plain20", "plain20:bf16"], mode="infer", memory=False, peak=False, **TINY),
+                    log=lines.append)
+    assert res["machine"]["cpu_bf16_native"] is False
+    assert sum(l.startswith("warning: amp bf16 on a CPU without native bf16") for l in lines) == 1
+
+
 def test_bad_configs_are_clear_errors():
     with pytest.raises(ConfigError, match="inference only"):
         BenchConfig(models=["plain20:fused"], mode="train").validate()

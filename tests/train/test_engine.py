@@ -127,3 +127,15 @@ def test_bad_config_values(bad, match, tmp_path):
 def test_unknown_config_key_suggests():
     with pytest.raises(ConfigError, match="did you mean batch_size"):
         TrainConfig.from_dict({"batchsize": 3})
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, fmnist_dir, capsys, monkeypatch, native):
+    """bf16 autocast is emulated on an AVX2-only CPU (many times slower than fp32): training says so."""
+    import pnnh.train.device as device
+
+    assert device.cpu_bf16_native() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # this machine's answer
+    monkeypatch.setattr(device, "cpu_bf16_native", lambda: native)
+    train(small_cfg(tmp_path, amp="bf16", steps=2, epochs=None, train_subset=256, model="resnet8"))
+    warned = "warning: amp bf16 on a CPU without native bf16 support" in capsys.readouterr().err
+    assert warned is not native
