@@ -295,7 +295,8 @@ def _intro(records: list[dict[str, Any]], budget_defs: dict[str, dict], referenc
     thread_text = ("threads unrecorded" if not threads else "one thread" if threads == [1] else
                    f"{' or '.join(map(str, threads))} threads (see each run's summary.json)")
     aug = {frozenset({True}): "on for every run", frozenset({False}): "off for every run (the engine's automatic "
-           "choice below 10 epochs)"}.get(frozenset(augment), "mixed: see each run's summary.json")
+           "choice below 10 epochs)", frozenset(): "as each run's summary.json will record (no run finished yet)"
+           }.get(frozenset(augment), "mixed: see each run's summary.json")
     used = dict.fromkeys(r["budget"] for r in records)
     budgets = ", ".join(f"{b} budget = {budget_defs[b]}" for b in used)
     selected = any(r.get("lr_selected") for r in records)

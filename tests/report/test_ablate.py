@@ -308,6 +308,7 @@ def test_dry_run_into_a_new_directory_reports_every_run_missing(tmp_path, capsys
           "--out", str(out), "--report", str(report), "--reference", "vit", "--dry-run", "--frontier"])
     text = report.read_text()
     assert "not run: seeds [0, 1]" in text and (out / "report.html").exists()
+    assert "no run finished yet" in text and "mixed" not in text
     assert "## Accuracy against cost: vit-e20 budget, depth 12" in text and not list(report.parent.glob("*.png"))
     assert "vit-e20 budget = {'epochs': 20, 'optimizer': 'adamw'" in text  # the budget's own recipe is stated
 
