@@ -340,8 +340,8 @@ def test_parallel_pnnh_block_one_buffer_equals_the_eager_form():
         y = b(x)
         y.pow(2).sum().backward()
         results.append([y, x.grad] + [p.grad for p in b.parameters()])
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(*results):  # float rounding scales with the tensor's largest entry (sums of products)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 @pytest.mark.parametrize("size", ["mini", "tiny"])
