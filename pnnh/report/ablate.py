@@ -504,7 +504,9 @@ def frontiers(records: list[dict[str, Any]], speed: list[dict] | None = None,
                 if len(head) > base:
                     diff = difference(r, ref)
                     row[base - 2:base - 2] = [f"{r['params'] / ref['params']:.3f}"]
-                    row[base:base] = ["—" if r is ref else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
+                    one_each = len(r["accs"]) == 1 and len(ref["accs"]) == 1
+                    row[base:base] = ["—" if r is ref else f"{diff[0]:+.2f} (1 seed each: no spread)" if one_each
+                                      else f"{diff[0]:+.2f} ± {diff[1]:.2f}"]
                     row.append("—" if img is None or ref_speed is None else f"{img / ref_speed:.3f}")
                 losses = _mean_losses(r["losses"])
                 row.append(f"{losses[-1][1]:.3f}" if losses else "—")
