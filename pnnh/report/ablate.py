@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..experiments import stats
 from ..experiments.grid import Grid, Run, load_yaml
 from ..experiments.launchers import LaunchOptions, make_launcher
-from ..experiments.results import curves
+from ..experiments.results import curves, metric_lines
 from ..experiments.runner import run_grid
 from ..experiments.state import check_grid, finished
 from ..train.config import TrainConfig
@@ -267,11 +267,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def epoch_losses(metrics: Path) -> list[tuple[float, float]]:
     """``(epoch, mean training loss of that epoch)`` per evaluated epoch of a run's ``metrics.jsonl``."""
-    try:
-        lines = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()]
-    except (OSError, json.JSONDecodeError):
-        return []
-    return [(ln["epoch"], ln["train_loss"]) for ln in lines
+    return [(ln["epoch"], ln["train_loss"]) for ln in metric_lines(metrics)
             if ln.get("epoch") is not None and ln.get("train_loss") is not None]
 
 
