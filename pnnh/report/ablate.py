@@ -128,6 +128,12 @@ def budget_lr(spec: dict) -> float:
     return float(spec.get("lr", TrainConfig.lr))
 
 
+def _set_fields(base: dict, budget: dict) -> dict:
+    """The command line's training fields over a budget's: a field left unset (``None``) keeps the
+    budget's own value (``deep-clip`` tests on 1,000 images unless ``--test-subset`` says otherwise)."""
+    return {k: v for k, v in base.items() if v is not None or k not in budget}
+
+
 def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], budgets: list[str], out: Path,
                   base: dict | None = None, budget_defs: dict[str, dict] | None = None,
                   lrs: dict[tuple[str, int], list[float]] | None = None) -> tuple[Grid, list[dict]]:
@@ -150,9 +156,9 @@ def ablation_grid(variants: list[Variant], depths: list[int], seeds: list[int], 
                     for lr in (own,) if lrs is None else lrs.get((v.label, d), ()):
                         folder = b if lr == own else f"{b}@lr{lr:g}"
                         run_dir = Path(out) / folder / f"d{d}" / v.label / f"s{s}"
-                        spec = {**budget_defs[b], "lr": lr}
+                        fields = {**budget_defs[b], **_set_fields(base, budget_defs[b]), "lr": lr}
                         cfg = TrainConfig(model=v.model(d), model_kwargs=dict(v.kwargs), seed=s, out=str(run_dir),
-                                          resume=True, progress=False, **spec, **base)
+                                          resume=True, progress=False, **fields)
                         lr_text = "" if lrs is None else f" lr {lr:g}"
                         runs.append(Run(f"{folder}/d{d}/{v.label}/s{s}", f"{b} d{d} {v.label}{lr_text} seed {s}", cfg))
                         records.append({"budget": b, "depth": d, "variant": v.label, "model": v.model(d),

@@ -6,7 +6,8 @@ import pytest
 
 from pnnh.cli import main
 from pnnh.errors import ConfigError
-from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, aggregate, choose_lr, format_report, frontiers,
+from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, ablation_grid, aggregate, choose_lr, format_report,
+                                frontiers,
                                 parse_variant, selection_variants, split_variants,
                                 write_frontier_figures)
 from pnnh.models import create_model
@@ -160,6 +161,17 @@ def test_every_budget_is_a_valid_training_config(name):
     """A budget is a set of TrainConfig fields: a misspelt or out-of-range one fails here, not hours into a run."""
     cfg = TrainConfig(model="resnet20", data="fashion-mnist", **BUDGETS[name]).validate()
     assert (cfg.epochs is None) != (cfg.steps is None)
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+def test_every_budget_builds_its_runs_with_the_command_lines_fields(name, tmp_path):
+    """The grid merges a budget with the command line's fields as `pnnh ablate` passes them: an unset
+    field keeps the budget's value, a set one wins, and no field is given twice."""
+    unset = {"data": "fashion-mnist", "data_dir": None, "train_subset": None, "test_subset": None, "threads": 1}
+    grid, _ = ablation_grid([VARIANTS["resnet"]], [20], [0], [name], tmp_path, unset)
+    assert grid.runs[0].cfg.test_subset == BUDGETS[name].get("test_subset")
+    grid, _ = ablation_grid([VARIANTS["resnet"]], [20], [0], [name], tmp_path, {**unset, "test_subset": 50})
+    assert grid.runs[0].cfg.test_subset == 50
 
 
 def test_aggregate_mean_std_and_diverged():
