@@ -7,8 +7,7 @@ import pytest
 from pnnh.cli import main
 from pnnh.errors import ConfigError
 from pnnh.report.ablate import (BUDGETS, VARIANTS, Variant, ablation_grid, aggregate, choose_lr, format_report,
-                                frontiers,
-                                parse_variant, selection_variants, split_variants,
+                                frontiers, parse_variant, selection_variants, split_variants,
                                 write_frontier_figures)
 from pnnh.models import create_model
 from pnnh.train import TrainConfig
