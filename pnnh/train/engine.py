@@ -305,10 +305,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
 
     bar = _progress(cfg, is_main, total_steps, step)
     last_finite, test = float("nan"), None
+    grad_norm = None  # the clipped step's gradient norm before clipping (read only when a run diverges)
 
     def diverged(what: str) -> None:
         if bar is not None:
             bar.close()
+        if grad_norm is not None and not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+            what += (f"; the gradient norm at step {step - 1} was {grad_norm.item()}: the backward pass overflowed, "
+                     f"which clipping cannot repair")
         msg = f"training diverged: {what}; last finite loss {last_finite:.4g}. "
         msg += f"The last good checkpoint is kept at {ckpt}." if ckpt and ckpt.exists() else "No checkpoint was written yet."
         if is_main and out is not None:
@@ -351,7 +355,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> 
             scaler.scale(loss).backward()
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             step += 1

@@ -107,6 +107,16 @@ def test_run_ending_with_non_finite_weights_is_not_complete(fmnist_small, tmp_pa
     assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
 
 
+def test_overflowing_gradient_under_clip_is_named_as_the_cause(fmnist_small, tmp_path):
+    # an 806-layer plain BN net at initialisation: the loss is finite, the backward pass overflows,
+    # and clipping by the non-finite norm turns every gradient into NaN
+    cfg = _cfg(fmnist_small, tmp_path / "run", model="plain806", steps=4, epochs=None, grad_clip=1.0)
+    with pytest.raises(DivergenceError, match=r"loss became nan at step 1 .*gradient norm at step 0 was (inf|nan): "
+                                              r"the backward pass overflowed"):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
 def test_resume_removes_killed_writers_temp_files(fmnist_small, tmp_path):
     cfg = _cfg(fmnist_small, tmp_path / "run", epochs=1)
     train(cfg)
