@@ -94,9 +94,9 @@ class _WeightedCoder(_Coder):
         use_path = spec.init != "he" and self.m > 0
         if self.dirac is not None:
             self.dirac.path.copy_(identity if use_path else torch.zeros_like(identity))
-            init_dirac_param_(self.weight, 0.1)
+            init_dirac_param_(self.weight, spec.path_beta)
             nn.init.ones_(self.dirac.alpha)
-            nn.init.constant_(self.dirac.beta, 0.1)
+            nn.init.constant_(self.dirac.beta, spec.path_beta)
             return
         _he_(self.weight, fan_in)
         if use_path:
@@ -277,9 +277,9 @@ class CheapCoderConv2d(nn.Module):
             path[:m_l, :m_l, c, c] = torch.eye(m_l)
         if self.dirac is not None:
             self.dirac.path.copy_(path)
-            init_dirac_param_(self.weight, 0.1)
+            init_dirac_param_(self.weight, spec.path_beta)
             nn.init.ones_(self.dirac.alpha)
-            nn.init.constant_(self.dirac.beta, 0.1)
+            nn.init.constant_(self.dirac.beta, spec.path_beta)
         elif dirac:
             learner = self.weight[:m_l]
             learner.zero_()

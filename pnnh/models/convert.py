@@ -46,7 +46,8 @@ __all__ = ["convert", "PlainBlock", "PlainTransformerBlock"]
 
 _PNNH_BLOCKS = (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck)
 _CODER_OPTIONS = {"coder_ratio": "ratio", "coder_init": "init", "coder_mix": "mix", "learner_init": "learner_init",
-                  "learner_mix": "learner_mix", "learner_bias": "learner_bias", "path_param": "path_param"}
+                  "learner_mix": "learner_mix", "learner_bias": "learner_bias", "path_param": "path_param",
+                  "path_beta": "path_beta"}
 
 
 class PlainBlock(nn.Sequential):
@@ -178,7 +179,7 @@ def convert(model: nn.Module, to: str = "pnnh", **coder_options) -> nn.Module:
 
     ``model`` is not modified; the twin is a copy with every residual block replaced (module
     docstring). ``coder_options`` (PNNH only): ``coder_ratio``, ``coder_init``, ``coder_mix``,
-    ``learner_init``, ``learner_mix``, ``learner_bias``, ``path_param`` as for ``pnnh*`` models.
+    ``learner_init``, ``learner_mix``, ``learner_bias``, ``path_param``, ``path_beta`` as for ``pnnh*`` models.
     Blocks are assumed to feed one another in the order they are registered, as in a ResNet.
 
     Raises:

@@ -62,7 +62,7 @@ class CoderSpec:
 
     def __init__(self, coder: str = "mirror", ratio: float = 0.25, init: str = "identity", mix: float = 0.1,
                  learner_init: str = "dirac", learner_mix: float = 0.0, learner_bias: float = 0.0,
-                 path_param: str = "auto"):
+                 path_param: str = "auto", path_beta: float = 0.1):
         if coder not in CODERS:
             raise ConfigError(f"unknown coder {coder!r}; choose one of {', '.join(CODERS)}")
         for name, value in (("coder_ratio", ratio), ("coder_mix", mix), ("learner_mix", learner_mix),
@@ -95,7 +95,11 @@ class CoderSpec:
             raise ConfigError(f"coder={coder!r} computes code channels: it needs coder_ratio > 0")
         if coder == "fixed" and init != "identity":
             raise ConfigError("coder='fixed' has no weights: it passes the code on (coder_init must be identity)")
+        if isinstance(path_beta, bool) or not isinstance(path_beta, (int, float)) or not (
+                math.isfinite(path_beta) and path_beta > 0):
+            raise ConfigError(f"path_beta must be a finite number > 0, got {path_beta!r}")
         self.learner_mix, self.learner_bias, self.path_param = learner_mix, learner_bias, path_param
+        self.path_beta = float(path_beta)
 
     def split(self, width: int) -> tuple[int, int]:
         """(learner, coder) channels of a layer whose output is ``width`` channels wide."""
@@ -265,9 +269,9 @@ class PNNHConv2d(PicksKernels, nn.Module):
             # V's filters start at norm beta = 0.1, so a step on V moves W as a step on W itself would
             # (dW = beta/|V| * dV, and dL/dV = beta/|V| * dL/dW); at He scale (|V| ~ 1.4) the learner
             # learns 200x slower: 82.92 % against 88.31 % at norm 0.1 after one epoch (pnnh56, seed 0)
-            init_dirac_param_(self.weight, 0.1)
+            init_dirac_param_(self.weight, spec.path_beta)
             nn.init.ones_(self.dirac.alpha)
-            nn.init.constant_(self.dirac.beta, 0.1)
+            nn.init.constant_(self.dirac.beta, spec.path_beta)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
         if dirac and spec.learner_bias != 0:
@@ -489,12 +493,18 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
             DiracNets (Zagoruyko & Komodakis 2017): ``W = diag(alpha) P + diag(beta) V / |V|`` per
             output filter, ``P`` the fixed path kernel (a buffer: the identity entries of
             ``learner_init``/``coder_init``), ``V`` trained (He directions at filter norm 0.1),
-            ``alpha = 1`` and ``beta = 0.1`` at init (1-D, so no weight decay). Still one conv per
+            ``alpha = 1`` and ``beta = path_beta`` at init (1-D, so no weight decay). Still one conv per
             layer; it folds like any other (``deploy``). ``"init"``: the path is only where the
             weights *start* and training may move it. ``"auto"``
             (default): ``"dirac"`` for the mirrored coder, chosen by ``pnnh ablate`` (5 epochs, depth
             56, 3 seeds: docs/pnnh.md), and for the cheap coders (the same parametrisation of their
             weights); ``"init"`` for ``shared``/``tied``, which it does not support.
+        path_beta: with ``path_param="dirac"``, the initial norm ``beta`` of each filter's trained
+            part (and of ``V``, so a step on ``V`` moves ``W`` as a step on ``W`` would). Each layer
+            adds this much random filter to its path, and BatchNorm renormalises after it, so the
+            share of the input a net's last layer carries at initialisation falls geometrically
+            with depth: 0.1 (default) suits depth 56-110; a 1,202-layer net keeps the input to its
+            end only with a smaller one (0.02: docs/results/pnnh_cost.md).
         width: multiplier on the stage widths.
         stem: ``"auto"``, ``"cifar"`` (3x3 s1), ``"small"`` (3x3 s1, ImageNet layout) or
             ``"imagenet"`` (7x7 s2 + max-pool). The stem is a PNNH layer: it makes the first code.
@@ -503,11 +513,13 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
     def __init__(self, layers, bottleneck: bool = False, *, layout: str = "cifar", num_classes: int = 10,
                  in_chans: int = 1, width: float = 1.0, coder: str = "mirror", coder_ratio: float = 0.25,
                  coder_init: str = "identity", coder_mix: float = 0.1, learner_init: str = "dirac",
-                 learner_mix: float = 0.0, learner_bias: float = 0.0, path_param: str = "auto", stem: str = "auto",
+                 learner_mix: float = 0.0, learner_bias: float = 0.0, path_param: str = "auto", path_beta: float = 0.1,
+                 stem: str = "auto",
                  img_size: int | None = None,
                  drop_rate: float = 0.0):
         super().__init__()
-        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias, path_param)
+        spec = CoderSpec(coder, coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias, path_param,
+                         path_beta)
         widths, img_size, stem = cnn_layout(layout, layers, width, img_size, stem, min_width=2)
         if stem not in ("cifar", "small", "imagenet"):
             raise ConfigError(f"unknown stem {stem!r}; use auto, cifar, small or imagenet")
@@ -518,7 +530,7 @@ class PNNHNet(PicksKernels, PooledClassifierHead, nn.Module):
         stem_ch = widths[0]
         stem_code = spec.split(stem_ch)[1] if coder != "tied" else 0  # a tied net carries no mirrored code
         stem_spec = CoderSpec("mirror", coder_ratio, coder_init, coder_mix, learner_init, learner_mix, learner_bias,
-                              spec.path_param)  # as resolved for the net's coder
+                              spec.path_param, path_beta)  # as resolved for the net's coder
         if stem == "imagenet":
             self.stem = nn.Sequential(PNNHConv2d(in_chans, stem_ch, 7, 2, n_code=stem_code, in_code=0, spec=stem_spec),
                                       nn.MaxPool2d(3, 2, 1))

@@ -81,9 +81,9 @@ class PNNHLinear(nn.Module):
         _he_(self.weight, fan_in)
         if self.dirac is not None:
             self.dirac.path.copy_(path)
-            init_dirac_param_(self.weight, 0.1)
+            init_dirac_param_(self.weight, spec.path_beta)
             nn.init.ones_(self.dirac.alpha)
-            nn.init.constant_(self.dirac.beta, 0.1)
+            nn.init.constant_(self.dirac.beta, spec.path_beta)
         else:
             has_path = path.abs().sum(1) > 0
             self.weight[has_path] = path[has_path]

@@ -163,6 +163,31 @@ def test_bad_options_are_config_errors():
         cifar_pnnh(21)
 
 
+@pytest.mark.parametrize("coder", ["mirror", "pointwise"])
+def test_path_beta_sets_how_far_every_filter_starts_from_its_path(coder):
+    # W = alpha P + beta V/|V| with alpha = 1: each filter starts exactly path_beta away from its path P
+    for beta in (0.1, 0.02):
+        m = pnnh.create_model("pnnh20", coder=coder, path_beta=beta)
+        layers = [mod for mod in m.modules() if getattr(mod, "dirac", None) is not None]
+        assert len(layers) > 10
+        for mod in layers:
+            w = mod.dirac(mod.weight).detach()
+            dist = (w - mod.dirac.path).flatten(1).norm(dim=1)
+            torch.testing.assert_close(dist, torch.full_like(dist, beta))
+            torch.testing.assert_close(mod.weight.detach().flatten(1).norm(dim=1), torch.full_like(dist, beta))
+    with pytest.raises(ConfigError, match="path_beta must be a finite number > 0, got 0"):
+        pnnh.create_model("pnnh20", path_beta=0)
+    with pytest.raises(ConfigError, match="path_beta must be a finite number > 0, got 'x'"):
+        pnnh.create_model("pnnh20", path_beta="x")
+
+
+def test_path_beta_reaches_the_pnnh_linear_layer():
+    from pnnh.models.pnnh_linear import PNNHLinear
+
+    layer = PNNHLinear(16, 16, spec=CoderSpec(path_param="dirac", path_beta=0.05))
+    torch.testing.assert_close(layer.dirac.beta.detach(), torch.full((layer.dirac.beta.numel(),), 0.05))
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_mirror_equals_the_eager_cat_form_in_value_gradient_and_layout(fmt):
     from pnnh.models.pnnh_cnn import mirror
