@@ -266,9 +266,10 @@ class PNNHConv2d(PicksKernels, nn.Module):
                 path[rows, n_in_learn:n_in_learn + m, c, c] = q
                 path[rows, n_in_learn + self.in_code:n_in_learn + self.in_code + m, c, c] = -q
             self.dirac.path.copy_(path)
-            # V's filters start at norm beta = 0.1, so a step on V moves W as a step on W itself would
-            # (dW = beta/|V| * dV, and dL/dV = beta/|V| * dL/dW); at He scale (|V| ~ 1.4) the learner
-            # learns 200x slower: 82.92 % against 88.31 % at norm 0.1 after one epoch (pnnh56, seed 0)
+            # V's filters start at norm beta = path_beta (0.1 by default), so a step on V moves W as a
+            # step on W itself would (dW = beta/|V| * dV, and dL/dV = beta/|V| * dL/dW); at He scale
+            # (|V| ~ 1.4) the learner learns 200x slower: 82.92 % against 88.31 % at norm 0.1 after
+            # one epoch (pnnh56, seed 0)
             init_dirac_param_(self.weight, spec.path_beta)
             nn.init.ones_(self.dirac.alpha)
             nn.init.constant_(self.dirac.beta, spec.path_beta)
