@@ -300,7 +300,8 @@ class PNNHConv2d(PicksKernels, nn.Module):
     def as_plain_conv(self) -> nn.Sequential:
         """This layer (eval mode) as ``Sequential(Conv2d, ReLU)``: the protocol :func:`pnnh.deploy` uses."""
         w, b = self.folded_weight_bias()
-        conv = nn.Conv2d(self.in_ch, w.shape[0], self.kernel_size, self.stride, self.padding, bias=True)
+        conv = nn.Conv2d(self.in_ch, w.shape[0], self.kernel_size, self.stride, self.padding, bias=True,
+                         device=w.device, dtype=w.dtype)  # where the layer is: deploy keeps the model's device
         conv.weight.copy_(w)
         conv.bias.copy_(b)
         return nn.Sequential(conv, nn.ReLU(inplace=True))

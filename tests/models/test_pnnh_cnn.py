@@ -113,6 +113,20 @@ def test_deploy_turns_pnnh_into_a_pure_conv_relu_chain():
         torch.testing.assert_close(fused(x), m(x), atol=1e-4, rtol=1e-4)
 
 
+def test_deploy_keeps_the_model_dtype_and_device():
+    """A PNNH layer folds into a conv where its weights are and in their dtype, so a model deployed on a
+    GPU keeps its convs there (tests/cuda); the dtype shows the same on a machine without a GPU."""
+    m = pnnh.create_model("pnnh8").double()
+    randomise_bn(m)
+    m.eval()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    fused = pnnh.deploy(m, fuse_relu=False, channels_last=False)
+    assert {p.dtype for p in fused.parameters()} == {torch.float64}
+    assert {p.device for p in fused.parameters()} == {p.device for p in m.parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), atol=1e-8, rtol=1e-8)
+
+
 def test_tied_coder_does_not_fold_and_is_a_transpose():
     m = pnnh.create_model("pnnh20", coder="tied")
     layer = m.pnnh_layers()[1]
