@@ -17,6 +17,9 @@ budget (``--budget``, default 450 s):
     inference, of resnet56 / pnnh56 / plain56 (CIFAR layout, 3x32x32, batch 512) and of resnet50 /
     pnnh50 / plain50 (ImageNet layout, 3x224x224 synthetic, batch 256) with timm's and torchvision's
     ``resnet50`` in the same alternating rounds where they import. bf16 autocast, channels-last.
+``bench_cifar_reference``
+    the CIFAR nets' training again with ``PNNH_KERNELS=reference`` (every PNNH layer through its
+    reference forward): what the training kernels of :mod:`pnnh.models.kernels` gain on this GPU.
 ``convert``
     where ``pnnh.convert`` exists: torchvision's ``resnet50`` and timm's ``vit_small_patch16_224``
     converted to PNNH and trained for a few steps each (bf16 autocast, synthetic 224 px batches).
@@ -85,7 +88,8 @@ class CheckPlan:
     compile: bool = True
     # seconds each step may take at most (the total budget caps them further)
     step_timeout_s: dict = field(default_factory=lambda: dict(
-        environment=30, cuda_tests=150, fmnist_amp=100, bench_cifar=60, bench_imagenet=75, convert=45,
+        environment=30, cuda_tests=150, fmnist_amp=100, bench_cifar=60, bench_cifar_reference=45, bench_imagenet=75,
+        convert=45,
         bench_cifar_compile=120, bench_imagenet_compile=150))
 
 
@@ -246,13 +250,19 @@ def bench_models(plan: CheckPlan, layout: str, compiled: bool) -> tuple[list[str
     return [*ours, *externals], [*ours[:1], *externals, *(f"{m}:fused" for m in ours)], missing
 
 
-def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[dict], None]) -> dict:
+def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[dict], None],
+                  reference_kernels: bool = False) -> dict:
     """Training and fused inference of one layout's nets, with the external nets where they import;
     with ``compiled``, our nets eager and under ``torch.compile`` side by side (the external nets,
-    measured eager by the other step, are left out to keep the compile time inside the budget)."""
+    measured eager by the other step, are left out to keep the compile time inside the budget);
+    with ``reference_kernels``, training only, every PNNH layer through its reference forward
+    (``PNNH_KERNELS=reference``: this step's process only)."""
     from .bench import BenchConfig, run_bench
 
     train_models, infer_models, missing = bench_models(plan, layout, compiled)
+    if reference_kernels:
+        os.environ["PNNH_KERNELS"] = "reference"
+        infer_models = []
     shape = (dict(batch_size=plan.cifar_batch, input_size=32, num_classes=10) if layout == "cifar" else
              dict(batch_size=plan.imagenet_batch, input_size=plan.imagenet_size, num_classes=1000))
     base = dict(in_chans=3, device=plan.device, amp=plan.amp, channels_last=True, peak_size=4096 if not plan.dry_run else 64,
@@ -262,6 +272,8 @@ def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[
                            "results": {}}
     failed = False
     for mode, models in (("train", train_models), ("infer", infer_models)):
+        if not models:
+            continue
         try:
             out = run_bench(BenchConfig(models=models, mode=mode, **base))
             res["results"][mode] = {"rows": out["rows"], "machine": out["machine"], "peak": out["peak"]}
@@ -277,6 +289,10 @@ def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[
 
 def step_bench_cifar(plan, emit):
     return _bench_layout(plan, "cifar", False, emit)
+
+
+def step_bench_cifar_reference(plan, emit):
+    return _bench_layout(plan, "cifar", False, emit, reference_kernels=True)
 
 
 def step_bench_imagenet(plan, emit):
@@ -381,6 +397,7 @@ STEPS: dict[str, Callable[[CheckPlan, Callable[[dict], None]], dict]] = {
     "cuda_tests": step_cuda_tests,
     "fmnist_amp": step_fmnist_amp,
     "bench_cifar": step_bench_cifar,
+    "bench_cifar_reference": step_bench_cifar_reference,
     "bench_imagenet": step_bench_imagenet,
     "convert": step_convert,
     "bench_cifar_compile": step_bench_cifar_compile,
@@ -569,7 +586,8 @@ def format_markdown(result: dict) -> str:
             else:
                 lines.append(f"| {name} | {r['test_acc'] * 100:.2f} | {r['train_img_per_s']:.0f} | "
                              f"{r['train_seconds']:.1f} |")
-    for name in ("bench_cifar", "bench_imagenet", "bench_cifar_compile", "bench_imagenet_compile"):
+    for name in ("bench_cifar", "bench_cifar_reference", "bench_imagenet", "bench_cifar_compile",
+                 "bench_imagenet_compile"):
         res = steps.get(name, {})
         if res.get("results"):
             s = res["settings"]

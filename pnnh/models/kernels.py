@@ -1,8 +1,8 @@
-"""CPU training kernels of the PNNH layer: the same function as :meth:`PNNHConv2d.forward`, faster.
+"""Training kernels of the PNNH layer (CPU and CUDA): the same function as :meth:`PNNHConv2d.forward`, faster.
 
 The reference layer computes ``relu(mirror(BN(conv(x, W))))`` with ``W = [W_l; W_c]``
-(``C_l + C_c`` filters). On CPU in channels_last, training runs it as a plain layer of the full
-width instead (:class:`TiedPNNHConv2d`)::
+(``C_l + C_c`` filters). In training, on CUDA and on CPU in channels_last, it runs as a plain
+layer of the full width instead (:class:`TiedPNNHConv2d`)::
 
     x = conv(x, [W_l; W_c; -W_c])                      # the tied rows: one conv makes e and -e
     x = BN(x) with affine [gamma; gamma_c], [beta; -beta_c]  # the mirror of BN(a), see mirrored_batch_norm
@@ -11,9 +11,12 @@ width instead (:class:`TiedPNNHConv2d`)::
 oneDNN computes output channels in blocks of 16, so a conv with ``C_l + C_c`` = 12 or 14 outputs
 costs nearly what 16 cost, and PyTorch's channels_last CPU BatchNorm is vectorised at the stage
 widths (16/32/64) but not at ``C_l + C_c`` (13.3 ms against 2.6 ms per forward+backward at 12 vs
-16 channels, 2 threads, batch 128 at 28x28); the tied form avoids both. In a net, the layers'
-tied weights are computed per shape group in one stacked call before each forward
-(:class:`StepWeights`). docs/benchmarks.md has the measurements.
+16 channels, 2 threads, batch 128 at 28x28); the tied form avoids both. On a GPU a small net's
+step is bound by kernel launches: the reference layer launches the DiracNet weight, the conv, BN,
+the mirror's copies and the ReLU (and their backward) per layer, the tied one a conv, a BN and a
+ReLU, as a plain layer does. In a net, the layers' tied weights are computed per shape group in
+one stacked call before each forward (:class:`StepWeights`). docs/benchmarks.md has the
+measurements; ``PNNH_KERNELS=reference`` turns the kernels off (:func:`kernel_choice`).
 
 The kernel is switched in once: :func:`select_kernels` runs when a PNNH net or layer changes mode
 (``.train()``/``.eval()``) or device/dtype/memory format (``.to()``) and swaps each layer's class
@@ -23,14 +26,17 @@ buffers and state dict), as :func:`pnnh.deploy` swaps layers for inference.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .layers import dirac_weight, memory_format
 from .pnnh_cnn import PNNHConv2d
 
-__all__ = ["tied_rows", "channels_last_view", "mirrored_batch_norm", "batched_tied_weights", "StepWeights",
+__all__ = ["KERNEL_CHOICES", "kernel_choice", "tied_rows", "channels_last_view", "mirrored_batch_norm", "batched_tied_weights", "StepWeights",
            "TiedPNNHConv2d", "select_kernels"]
 
 
@@ -206,8 +212,11 @@ class TiedPNNHConv2d(PNNHConv2d):
 
     def running_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full-width running statistics, linked again when ``.to()``, ``deepcopy`` or
-        ``load_state_dict(assign=True)`` gave ``bn`` new tensors."""
+        ``load_state_dict(assign=True)`` gave ``bn`` new tensors. Under ``torch.compile`` the link
+        made when the kernel was selected is taken as it is (the check is a graph break per layer)."""
         rm, rv, full = self.bn.running_mean, self.bn.running_var, self.full_stats
+        if full is not None and torch.compiler.is_compiling():
+            return full
         if full is None or full[0].data_ptr() != rm.data_ptr() or full[1].data_ptr() != rv.data_ptr():
             self.full_stats = full = _link_full_width_stats(self.bn, self.n_learn)
         return full
@@ -219,23 +228,37 @@ torch.fx.wrap("channels_last_view")
 torch.fx.wrap("mirrored_batch_norm")
 
 
+KERNEL_CHOICES = ("auto", "reference")
+
+
+def kernel_choice() -> str:
+    """``$PNNH_KERNELS``: ``auto`` (the default: the training kernels where they apply) or
+    ``reference`` (every PNNH layer runs :meth:`PNNHConv2d.forward`, to check or time the kernels)."""
+    choice = os.environ.get("PNNH_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in KERNEL_CHOICES:
+        raise ConfigError(f"PNNH_KERNELS must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
+    return choice
+
+
 def _uses_tied_kernel(layer: PNNHConv2d, channels_last: bool) -> bool:
-    bn = layer.bn
-    return (channels_last and layer.training and layer.n_code > 0 and layer.weight.device.type == "cpu"
+    bn, device = layer.bn, layer.weight.device.type
+    return ((device == "cuda" or (device == "cpu" and channels_last)) and layer.training and layer.n_code > 0
             and type(bn) is nn.BatchNorm2d and bn.track_running_stats)
 
 
 def select_kernels(module: nn.Module) -> int:
     """Give every PNNH layer of ``module`` its kernel for the module's present mode, device and format.
 
-    A layer trains on CPU through :class:`TiedPNNHConv2d` when the module's weights are
-    channels_last (a layer whose weight is contiguous both ways, 1 input channel or 1x1, follows
-    the rest), its BatchNorm is a plain ``nn.BatchNorm2d`` with running statistics and it has coder
-    channels; every other layer runs the reference :class:`PNNHConv2d`. The DiracNet layers among
+    A layer in training mode with coder channels and a plain ``nn.BatchNorm2d`` with running
+    statistics runs :class:`TiedPNNHConv2d` on CUDA (either memory format), and on CPU when the
+    module's weights are channels_last (a layer whose weight is contiguous both ways, 1 input
+    channel or 1x1, follows the rest); every other layer, and every layer when ``$PNNH_KERNELS``
+    is ``reference`` (:func:`kernel_choice`), runs the reference :class:`PNNHConv2d`. The DiracNet layers among
     the tied ones get their weights batched per forward of ``module`` (:class:`StepWeights`).
     Returns the number of tied layers. Subclasses of :class:`PNNHConv2d` keep their own forward.
     """
     layers = [m for m in module.modules() if type(m) in (PNNHConv2d, TiedPNNHConv2d)]
+    reference = kernel_choice() == "reference"
     channels_last = any(memory_format(m.weight) is torch.channels_last for m in layers)
     old = module.__dict__.get("_kernel_step_weights")
     if old is not None:
@@ -243,9 +266,10 @@ def select_kernels(module: nn.Module) -> int:
         module._kernel_step_weights = None
     tied = []
     for m in layers:
-        if _uses_tied_kernel(m, channels_last):
+        if not reference and _uses_tied_kernel(m, channels_last):
             m.__class__ = TiedPNNHConv2d
             m.step_weights = None
+            m.running_stats()  # linked now, so a compiled forward need not check it
             tied.append(m)
         elif type(m) is TiedPNNHConv2d:
             m.__class__ = PNNHConv2d

@@ -29,8 +29,9 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(dry_run):
     assert list(steps) == list(STEPS) and res["dry_run"] and res["device"] == "cpu"
     assert code == 0, {k: v.get("error") for k, v in steps.items()}
     assert steps["environment"]["status"] == "ok" and steps["environment"]["torch"] == torch.__version__
-    for name in ("cuda_tests", "fmnist_amp", "bench_cifar", "bench_imagenet"):
+    for name in ("cuda_tests", "fmnist_amp", "bench_cifar", "bench_cifar_reference", "bench_imagenet"):
         assert steps[name]["status"] == "ok" and steps[name]["seconds"] > 0
+    assert list(steps["bench_cifar_reference"]["results"]) == ["train"]  # the kernels change training only
     assert steps["convert"]["status"] == ("ok" if _converter() else "skipped")
     for name in ("bench_cifar_compile", "bench_imagenet_compile"):
         assert steps[name] == {"status": "skipped", "reason": "dry run: torch.compile is exercised on the GPU only"}

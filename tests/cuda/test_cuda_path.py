@@ -6,6 +6,8 @@ runs them) and is skipped, with that reason, where no CUDA device is available. 
 TF32 off so that CUDA results can be held to float32 tolerances.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -162,6 +164,38 @@ def test_channels_last_forward_and_backward_match_contiguous(name, no_tf32):
         outs.append((out.detach(), grad_vector(model)))
     (o_nchw, g_nchw), (o_nhwc, g_nhwc) = outs
     assert rel_err(o_nhwc, o_nchw) < 1e-4 and rel_err(g_nhwc, g_nchw) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_training_kernel_on_cuda_matches_the_reference_layer(monkeypatch, no_tf32, fmt):
+    """pnnh20 trained two SGD steps on CUDA through the tied kernel and through the reference
+    layers (``PNNH_KERNELS=reference``): same logits, gradients and BatchNorm running statistics."""
+    from pnnh.models.kernels import TiedPNNHConv2d
+
+    torch.manual_seed(0)
+    base = random_bn_stats(pnnh.create_model("pnnh20", num_classes=10, in_chans=1))
+    monkeypatch.setenv("PNNH_KERNELS", "reference")
+    ref = copy.deepcopy(base).cuda().to(memory_format=fmt).train()
+    monkeypatch.delenv("PNNH_KERNELS")
+    fast = copy.deepcopy(base).cuda().to(memory_format=fmt).train()
+    assert not any(isinstance(m, TiedPNNHConv2d) for m in ref.modules())
+    assert any(isinstance(m, TiedPNNHConv2d) for m in fast.modules())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, fast)]
+    x = torch.randn(16, 1, 28, 28, device="cuda").contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (16,), device="cuda")
+    for _ in range(2):
+        outs = []
+        for m, opt in zip((ref, fast), opts):
+            opt.zero_grad()
+            out = m(x)
+            F.cross_entropy(out, y).backward()
+            outs.append((out.detach(), grad_vector(m)))
+            opt.step()
+        (o_ref, g_ref), (o_fast, g_fast) = outs
+        assert rel_err(o_fast, o_ref) < 1e-4 and rel_err(g_fast, g_ref) < 1e-3
+    for (name, b), c in zip(ref.named_buffers(), fast.buffers()):
+        if b.is_floating_point():
+            assert rel_err(c, b) < 1e-4, name
 
 
 # --------------------------------------------------------------------------------------------------

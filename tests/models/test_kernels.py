@@ -242,3 +242,20 @@ def test_state_dicts_of_pnnh_0_1_load(tmp_path):
     loaded = pnnh.create_model("pnnh20").eval()
     load_weights(tmp_path / "old.safetensors", loaded)
     torch.testing.assert_close(loaded(x), src(x))
+
+
+def test_pnnh_kernels_reference_turns_the_kernels_off_and_a_bad_value_is_named(monkeypatch):
+    """``PNNH_KERNELS=reference``: every layer runs the reference forward, with the same function;
+    an unknown value is one ConfigError naming the variable."""
+    torch.manual_seed(0)
+    model = pnnh.create_model("pnnh8").to(memory_format=CL).train()
+    assert _kinds(model) == {"TiedPNNHConv2d"}
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=CL)
+    fast = model(x)
+    monkeypatch.setenv("PNNH_KERNELS", "reference")
+    model.train()
+    assert _kinds(model) == {"PNNHConv2d"} and model.__dict__.get("_kernel_step_weights") is None
+    torch.testing.assert_close(model(x), fast, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("PNNH_KERNELS", "fastest")
+    with pytest.raises(pnnh.errors.ConfigError, match="PNNH_KERNELS must be one of auto, reference"):
+        model.train()
