@@ -40,6 +40,10 @@ __all__ = ["KERNEL_CHOICES", "kernel_choice", "tied_rows", "channels_last_view",
            "TiedPNNHConv2d", "select_kernels"]
 
 
+# torch.compiler.is_compiling is torch >= 2.3; torch._dynamo.is_compiling the same test before it
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 class _TiedRowsFunction(torch.autograd.Function):
     """``cat(t, sign * t.narrow(dim, n, C - n), dim)`` written once into one buffer (``t``'s memory format).
 
@@ -215,7 +219,7 @@ class TiedPNNHConv2d(PNNHConv2d):
         ``load_state_dict(assign=True)`` gave ``bn`` new tensors. Under ``torch.compile`` the link
         made when the kernel was selected is taken as it is (the check is a graph break per layer)."""
         rm, rv, full = self.bn.running_mean, self.bn.running_var, self.full_stats
-        if full is not None and torch.compiler.is_compiling():
+        if full is not None and _is_compiling():
             return full
         if full is None or full[0].data_ptr() != rm.data_ptr() or full[1].data_ptr() != rv.data_ptr():
             self.full_stats = full = _link_full_width_stats(self.bn, self.n_learn)
