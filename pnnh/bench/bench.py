@@ -65,7 +65,7 @@ from ..train.malloc import tune_glibc_malloc
 from ..utils import parse_kv
 from .fuse import deploy, unfused_kernels
 
-__all__ = ["BenchConfig", "run_bench", "build_external", "is_external", "matmul_peak", "count_flops", "peak_memory", "format_table", "machine_info"]
+__all__ = ["BenchConfig", "run_bench", "build_external", "is_external", "matmul_peak", "count_flops", "peak_memory", "profile_training_step", "format_table", "machine_info"]
 
 MODES = ("train", "infer")
 
@@ -327,6 +327,58 @@ def peak_memory(step: Callable[[], Any], held: Callable[[], int], device: torch.
         cur += nbytes
         peak = max(peak, cur)
     return base + peak
+
+
+def profile_training_step(spec: str, cfg: BenchConfig, steps: int = 3, top: int = 12) -> dict[str, Any]:
+    """Where one model's training step spends its time, by ``torch.profiler``.
+
+    Builds ``spec`` as the bench does (same input, optimizer, autocast, memory format), runs
+    ``cfg.warmup`` steps (at least one), times ``steps`` steps without the profiler, then profiles
+    ``steps`` more. Returns per step: ``step_ms`` (the unprofiled wall time), ``device_busy_ms``
+    (the summed duration of the device's kernels and copies; ``None`` on the CPU), ``kernels``
+    (device activities launched) and ``ops`` (the ``top`` operators by self time on the device,
+    on the CPU for a CPU run: name, calls and milliseconds per step). A step whose wall time is
+    well above its device-busy time is bound by the host (kernel launches, Python), not the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = resolve_device(cfg.device)
+    input_size = cfg.input_size
+    runner = _Runner(spec, "train", cfg, device, input_size)
+    for _ in range(max(1, cfg.warmup)):
+        runner.step()
+    runner.timed_round(steps, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with warnings.catch_warnings(), _quiet_fds():
+        warnings.simplefilter("ignore")
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                runner.step()
+            _sync(device)
+    on_device = device.type == "cuda"
+    busy_ns, kernels = 0, 0
+    if on_device:
+        for e in prof.profiler.kineto_results.events():
+            # kernels, copies and memsets (a user annotation mirrored on the GPU's timeline spans others)
+            if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_user_annotation():
+                busy_ns += e.duration_ns()
+                kernels += 1
+
+    def self_us(ev) -> float:
+        if on_device:
+            return float(getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0))
+        return float(ev.self_cpu_time_total)
+
+    averages = sorted(prof.key_averages(), key=self_us, reverse=True)
+    ops = [{"name": ev.key, "calls": ev.count / steps, "ms": self_us(ev) / 1e3 / steps}
+           for ev in averages[:top] if self_us(ev) > 0]
+    return {"model": spec, "params": runner.params, "device": str(device), "dtype": runner.dtype,
+            "batch_size": cfg.batch_size, "steps": steps,
+            "step_ms": statistics.median(runner.times) * 1e3,
+            "device_busy_ms": busy_ns / 1e6 / steps if on_device else None,
+            "kernels": kernels / steps if on_device else None, "ops": ops}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

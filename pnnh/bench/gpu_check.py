@@ -20,6 +20,10 @@ budget (``--budget``, default 450 s):
 ``bench_cifar_reference``
     the CIFAR nets' training again with ``PNNH_KERNELS=reference`` (every PNNH layer through its
     reference forward): what the training kernels of :mod:`pnnh.models.kernels` gain on this GPU.
+``profile_cifar``
+    one training step of resnet56 and pnnh56 (the bench's settings) under ``torch.profiler``: the
+    wall time against the GPU's busy time and the kernels launched per step, and the operators
+    that take the GPU's time (:func:`~pnnh.bench.bench.profile_training_step`).
 ``convert``
     where ``pnnh.convert`` exists: torchvision's ``resnet50`` and timm's ``vit_small_patch16_224``
     converted to PNNH and trained for a few steps each (bf16 autocast, synthetic 224 px batches).
@@ -83,12 +87,13 @@ class CheckPlan:
     bench_rounds: dict = field(default_factory=lambda: {"repeats": 5, "steps": 5, "warmup": 3})
     fmnist: dict = field(default_factory=lambda: {"epochs": 1, "batch_size": 128})
     bench_model_kwargs: dict = field(default_factory=dict)  # options of our nets in the benches
+    profile_steps: int = 5  # training steps under the profiler, per model
     convert_steps: int = 10
     convert_batch: int = 64
     compile: bool = True
     # seconds each step may take at most (the total budget caps them further)
     step_timeout_s: dict = field(default_factory=lambda: dict(
-        environment=30, cuda_tests=150, fmnist_amp=100, bench_cifar=60, bench_cifar_reference=45, bench_imagenet=75,
+        environment=30, cuda_tests=150, fmnist_amp=100, bench_cifar=60, bench_cifar_reference=45, profile_cifar=60, bench_imagenet=75,
         convert=45,
         bench_cifar_compile=120, bench_imagenet_compile=150))
 
@@ -107,7 +112,7 @@ def make_plan(out_dir: str | os.PathLike, *, dry_run: bool = False, budget_s: fl
         plan.bench_model_kwargs = {"width": 0.25}
         plan.fmnist = {"epochs": 1, "batch_size": 64, "train_subset": 128, "test_subset": 64,
                        "model_kwargs": {"width": 0.25}}
-        plan.convert_steps, plan.convert_batch = 2, 2
+        plan.convert_steps, plan.convert_batch, plan.profile_steps = 2, 2, 1
         plan.compile = False
         plan.step_timeout_s = {k: 60 for k in plan.step_timeout_s}
         plan.budget_s = 120.0
@@ -295,6 +300,28 @@ def step_bench_cifar_reference(plan, emit):
     return _bench_layout(plan, "cifar", False, emit, reference_kernels=True)
 
 
+def step_profile_cifar(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
+    """The residual and the PNNH CIFAR net's training step under ``torch.profiler``."""
+    from .bench import BenchConfig, profile_training_step
+
+    cfg = BenchConfig(models=list(plan.cifar_models[:2]), mode="train", batch_size=plan.cifar_batch, input_size=32,
+                      num_classes=10, in_chans=3, device=plan.device, amp=plan.amp, channels_last=True,
+                      model_kwargs=dict(plan.bench_model_kwargs), warmup=plan.bench_rounds["warmup"])
+    res: dict[str, Any] = {"settings": {"batch_size": plan.cifar_batch, "amp": plan.amp, "channels_last": True},
+                           "profiles": {}}
+    failed = False
+    for name in plan.cifar_models[:2]:
+        try:
+            res["profiles"][name] = profile_training_step(name, cfg, steps=plan.profile_steps)
+        except Exception as e:
+            failed = True
+            res["profiles"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-LOG_TAIL:]}
+        emit(res)
+    if failed:
+        res["status"] = "failed"
+    return res
+
+
 def step_bench_imagenet(plan, emit):
     return _bench_layout(plan, "imagenet", False, emit)
 
@@ -398,6 +425,7 @@ STEPS: dict[str, Callable[[CheckPlan, Callable[[dict], None]], dict]] = {
     "fmnist_amp": step_fmnist_amp,
     "bench_cifar": step_bench_cifar,
     "bench_cifar_reference": step_bench_cifar_reference,
+    "profile_cifar": step_profile_cifar,
     "bench_imagenet": step_bench_imagenet,
     "convert": step_convert,
     "bench_cifar_compile": step_bench_cifar_compile,
@@ -593,6 +621,21 @@ def format_markdown(result: dict) -> str:
             s = res["settings"]
             lines += ["", f"## `{name}`: batch {s['batch_size']}, 3x{s['input_size']}x{s['input_size']}, "
                           f"AMP {s['amp']}, channels-last", ""] + _bench_table(res)
+    prof = steps.get("profile_cifar", {})
+    if prof.get("profiles"):
+        s = prof["settings"]
+        lines += ["", f"## `profile_cifar`: one training step, batch {s['batch_size']}, AMP {s['amp']}, channels-last", "",
+                  "| model | step ms | device busy ms | kernels per step |", "|---|---|---|---|"]
+        for name, p in prof["profiles"].items():
+            if "error" in p:
+                lines.append(f"| {name} | failed: {p['error'].splitlines()[0][:120]} | | |")
+            else:
+                lines.append(f"| {name} | {p['step_ms']:.2f} | {_fmt(p['device_busy_ms'], '.2f')} | "
+                             f"{_fmt(p['kernels'], '.0f')} |")
+        for name, p in prof["profiles"].items():
+            if p.get("ops"):
+                lines += ["", f"{name}, operators by self time per step:", "", "| operator | calls | ms |", "|---|---|---|"]
+                lines += [f"| `{o['name'][:80]}` | {o['calls']:.0f} | {o['ms']:.3f} |" for o in p["ops"]]
     conv = steps.get("convert", {})
     if "losses" in conv:
         lines += ["", f"## {conv['source']} converted to PNNH", "",

@@ -29,7 +29,7 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(dry_run):
     assert list(steps) == list(STEPS) and res["dry_run"] and res["device"] == "cpu"
     assert code == 0, {k: v.get("error") for k, v in steps.items()}
     assert steps["environment"]["status"] == "ok" and steps["environment"]["torch"] == torch.__version__
-    for name in ("cuda_tests", "fmnist_amp", "bench_cifar", "bench_cifar_reference", "bench_imagenet"):
+    for name in ("cuda_tests", "fmnist_amp", "bench_cifar", "bench_cifar_reference", "profile_cifar", "bench_imagenet"):
         assert steps[name]["status"] == "ok" and steps[name]["seconds"] > 0
     assert list(steps["bench_cifar_reference"]["results"]) == ["train"]  # the kernels change training only
     assert steps["convert"]["status"] == ("ok" if _converter() else "skipped")
@@ -66,6 +66,17 @@ def test_dry_run_trained_and_benched_the_three_families(dry_run):
         assert all(r["img_per_s"] > 0 for mode in ("train", "infer") for r in results[mode]["rows"])
     assert res["steps"]["bench_imagenet"]["settings"]["num_classes"] == 1000
     assert "| pnnh8:fused |" in md and "| plain18 |" in md and "| resnet8 |" in md
+
+
+def test_dry_run_profiled_a_training_step_of_the_residual_and_the_pnnh_net(dry_run):
+    _, res, md = dry_run
+    profiles = res["steps"]["profile_cifar"]["profiles"]
+    assert list(profiles) == ["resnet8", "pnnh8"]
+    for p in profiles.values():
+        assert p["step_ms"] > 0 and p["device"] == "cpu" and p["device_busy_ms"] is None and p["kernels"] is None
+        assert p["ops"] and all(o["ms"] > 0 and o["calls"] > 0 for o in p["ops"])
+        assert any("conv" in o["name"] for o in p["ops"])  # the step's own operators, not the profiler's
+    assert "## `profile_cifar`" in md and "| pnnh8 |" in md
 
 
 def test_failed_and_overrunning_steps_are_recorded_and_the_rest_run(tmp_path, fmnist_small):
