@@ -582,6 +582,17 @@ def _bench_table(res: dict) -> list[str]:
     return lines
 
 
+def _model_table(title: str, columns: list[str], runs: dict, cells: Callable[[dict], list[str]]) -> list[str]:
+    """A section with one row per model; a model that failed shows its error in the first column."""
+    lines = ["", title, "", "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, r in runs.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'].splitlines()[0][:120]} |" + " |" * (len(columns) - 1))
+        else:
+            lines.append(f"| {name} | " + " | ".join(cells(r)) + " |")
+    return lines
+
+
 def format_markdown(result: dict) -> str:
     """The result of :func:`run_check` as a Markdown page: a summary table, then each step's numbers."""
     steps = result["steps"]
@@ -606,14 +617,10 @@ def format_markdown(result: dict) -> str:
         lines += ["", "## CUDA tests that failed", ""] + [f"- `{c['test']}`: {c['message']}" for c in bad]
     fm = steps.get("fmnist_amp", {})
     if fm.get("runs"):
-        lines += ["", f"## Fashion-MNIST, {fm['settings'].get('epochs')} epoch, AMP {fm['amp']}", "",
-                  "| model | test acc % | train img/s | train s |", "|---|---|---|---|"]
-        for name, r in fm["runs"].items():
-            if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'].splitlines()[0][:120]} | | |")
-            else:
-                lines.append(f"| {name} | {r['test_acc'] * 100:.2f} | {r['train_img_per_s']:.0f} | "
-                             f"{r['train_seconds']:.1f} |")
+        lines += _model_table(f"## Fashion-MNIST, {fm['settings'].get('epochs')} epoch, AMP {fm['amp']}",
+                              ["test acc %", "train img/s", "train s"], fm["runs"],
+                              lambda r: [f"{r['test_acc'] * 100:.2f}", f"{r['train_img_per_s']:.0f}",
+                                         f"{r['train_seconds']:.1f}"])
     for name in ("bench_cifar", "bench_cifar_reference", "bench_imagenet", "bench_cifar_compile",
                  "bench_imagenet_compile"):
         res = steps.get(name, {})
@@ -624,14 +631,9 @@ def format_markdown(result: dict) -> str:
     prof = steps.get("profile_cifar", {})
     if prof.get("profiles"):
         s = prof["settings"]
-        lines += ["", f"## `profile_cifar`: one training step, batch {s['batch_size']}, AMP {s['amp']}, channels-last", "",
-                  "| model | step ms | device busy ms | kernels per step |", "|---|---|---|---|"]
-        for name, p in prof["profiles"].items():
-            if "error" in p:
-                lines.append(f"| {name} | failed: {p['error'].splitlines()[0][:120]} | | |")
-            else:
-                lines.append(f"| {name} | {p['step_ms']:.2f} | {_fmt(p['device_busy_ms'], '.2f')} | "
-                             f"{_fmt(p['kernels'], '.0f')} |")
+        lines += _model_table(f"## `profile_cifar`: one training step, batch {s['batch_size']}, AMP {s['amp']}, "
+                              "channels-last", ["step ms", "device busy ms", "kernels per step"], prof["profiles"],
+                              lambda p: [f"{p['step_ms']:.2f}", _fmt(p["device_busy_ms"], ".2f"), _fmt(p["kernels"], ".0f")])
         for name, p in prof["profiles"].items():
             if p.get("ops"):
                 lines += ["", f"{name}, operators by self time per step:", "", "| operator | calls | ms |", "|---|---|---|"]
