@@ -129,6 +129,23 @@ class Skip(Exception):
     """A step that does not apply here (the reason is recorded)."""
 
 
+def _each(res: dict, into: dict, items: dict[str, Callable[[], dict]], emit: Callable[[dict], None]) -> dict:
+    """``into[key] = measure()`` for each item of ``items``, emitting ``res`` after each (what is done
+    survives a timeout); an item that raises gets its error instead and the rest still run, and
+    ``res`` is then marked failed."""
+    failed = False
+    for key, measure in items.items():
+        try:
+            into[key] = measure()
+        except Exception as e:
+            into[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-LOG_TAIL:]}
+            failed = True
+        emit(res)
+    if failed:
+        res["status"] = "failed"
+    return res
+
+
 def _versions() -> dict[str, Any]:
     import torch
 
@@ -220,19 +237,14 @@ def step_fmnist_amp(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
     opts = dict(plan.fmnist)
     runs: dict[str, Any] = {}
     res: dict[str, Any] = {"amp": plan.amp, "settings": opts, "runs": runs}
-    for name in plan.cifar_models:
-        cfg = TrainConfig(model=name, data="fashion-mnist", data_dir=plan.data_dir, device=plan.device, amp=plan.amp,
-                          progress=False, **opts)  # no run directory: the numbers go to the JSON
-        try:
-            s = train(cfg)
-            runs[name] = {k: s[k] for k in ("params", "test_acc", "test_loss", "train_img_per_s", "train_seconds",
-                                            "wall_s", "steps", "device")}
-        except Exception as e:  # one model failing does not lose the others
-            runs[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-LOG_TAIL:]}
-        emit(res)  # what is done so far survives a timeout
-    if any("error" in r for r in runs.values()):
-        res["status"] = "failed"
-    return res
+
+    def run(name: str) -> dict:
+        s = train(TrainConfig(model=name, data="fashion-mnist", data_dir=plan.data_dir, device=plan.device,
+                              amp=plan.amp, progress=False, **opts))  # no run directory: the numbers go to the JSON
+        return {k: s[k] for k in ("params", "test_acc", "test_loss", "train_img_per_s", "train_seconds", "wall_s",
+                                  "steps", "device")}
+
+    return _each(res, runs, {name: (lambda name=name: run(name)) for name in plan.cifar_models}, emit)
 
 
 def bench_models(plan: CheckPlan, layout: str, compiled: bool) -> tuple[list[str], list[str], dict[str, str]]:
@@ -275,21 +287,14 @@ def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[
                 **plan.bench_rounds, **shape)
     res: dict[str, Any] = {"layout": layout, "settings": {**base, "amp": plan.amp}, "skipped_models": missing,
                            "results": {}}
-    failed = False
-    for mode, models in (("train", train_models), ("infer", infer_models)):
-        if not models:
-            continue
-        try:
-            out = run_bench(BenchConfig(models=models, mode=mode, **base))
-            res["results"][mode] = {"rows": out["rows"], "machine": out["machine"], "peak": out["peak"]}
-        except Exception as e:
-            failed = True
-            res["results"][mode] = {"models": models, "error": f"{type(e).__name__}: {e}",
-                                    "traceback": traceback.format_exc()[-LOG_TAIL:]}
-        emit(res)
-    if failed:
-        res["status"] = "failed"
-    return res
+
+    def bench(mode: str, models: list[str]) -> dict:
+        out = run_bench(BenchConfig(models=models, mode=mode, **base))
+        return {"rows": out["rows"], "machine": out["machine"], "peak": out["peak"]}
+
+    modes = {mode: (lambda mode=mode, models=models: bench(mode, models))
+             for mode, models in (("train", train_models), ("infer", infer_models)) if models}
+    return _each(res, res["results"], modes, emit)
 
 
 def step_bench_cifar(plan, emit):
@@ -309,17 +314,8 @@ def step_profile_cifar(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
                       model_kwargs=dict(plan.bench_model_kwargs), warmup=plan.bench_rounds["warmup"])
     res: dict[str, Any] = {"settings": {"batch_size": plan.cifar_batch, "amp": plan.amp, "channels_last": True},
                            "profiles": {}}
-    failed = False
-    for name in plan.cifar_models[:2]:
-        try:
-            res["profiles"][name] = profile_training_step(name, cfg, steps=plan.profile_steps)
-        except Exception as e:
-            failed = True
-            res["profiles"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-LOG_TAIL:]}
-        emit(res)
-    if failed:
-        res["status"] = "failed"
-    return res
+    return _each(res, res["profiles"], {name: (lambda name=name: profile_training_step(name, cfg, steps=plan.profile_steps))
+                                        for name in plan.cifar_models[:2]}, emit)
 
 
 def step_bench_imagenet(plan, emit):
