@@ -343,8 +343,7 @@ def profile_training_step(spec: str, cfg: BenchConfig, steps: int = 3, top: int 
     from torch.profiler import ProfilerActivity, profile
 
     device = resolve_device(cfg.device)
-    input_size = cfg.input_size
-    runner = _Runner(spec, "train", cfg, device, input_size)
+    runner = _Runner(spec, "train", cfg, device, cfg.input_size)
     for _ in range(max(1, cfg.warmup)):
         runner.step()
     runner.timed_round(steps, device)
