@@ -53,6 +53,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -244,7 +245,7 @@ def step_fmnist_amp(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
         return {k: s[k] for k in ("params", "test_acc", "test_loss", "train_img_per_s", "train_seconds", "wall_s",
                                   "steps", "device")}
 
-    return _each(res, runs, {name: (lambda name=name: run(name)) for name in plan.cifar_models}, emit)
+    return _each(res, runs, {name: partial(run, name) for name in plan.cifar_models}, emit)
 
 
 def bench_models(plan: CheckPlan, layout: str, compiled: bool) -> tuple[list[str], list[str], dict[str, str]]:
@@ -292,7 +293,7 @@ def _bench_layout(plan: CheckPlan, layout: str, compiled: bool, emit: Callable[[
         out = run_bench(BenchConfig(models=models, mode=mode, **base))
         return {"rows": out["rows"], "machine": out["machine"], "peak": out["peak"]}
 
-    modes = {mode: (lambda mode=mode, models=models: bench(mode, models))
+    modes = {mode: partial(bench, mode, models)
              for mode, models in (("train", train_models), ("infer", infer_models)) if models}
     return _each(res, res["results"], modes, emit)
 
@@ -314,8 +315,8 @@ def step_profile_cifar(plan: CheckPlan, emit: Callable[[dict], None]) -> dict:
                       model_kwargs=dict(plan.bench_model_kwargs), warmup=plan.bench_rounds["warmup"])
     res: dict[str, Any] = {"settings": {"batch_size": plan.cifar_batch, "amp": plan.amp, "channels_last": True},
                            "profiles": {}}
-    return _each(res, res["profiles"], {name: (lambda name=name: profile_training_step(name, cfg, steps=plan.profile_steps))
-                                        for name in plan.cifar_models[:2]}, emit)
+    profiles = {name: partial(profile_training_step, name, cfg, steps=plan.profile_steps) for name in plan.cifar_models[:2]}
+    return _each(res, res["profiles"], profiles, emit)
 
 
 def step_bench_imagenet(plan, emit):
