@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
     except PnnhError as e:
         if is_main:
             _note_user_error(cfg.out, e)
+        if getattr(e, "collective", False):
+            _say_before_peers_leave(e, is_main)
         raise
     finally:
         distributed.shutdown()
@@ -117,6 +120,17 @@ def train_cmd(config_file, model_kwarg, augment, channels_last, compile_, sync_b
 
 
 _USER_ERROR = ".user-error.json"
+
+
+def _say_before_peers_leave(e: PnnhError, is_main: bool) -> None:
+    """An error every rank raised together: rank 0 prints its one line, then every rank waits for
+    the others. torchrun stops the remaining workers as soon as one exits, so a peer leaving first
+    could cut rank 0 off before it has said (and noted) what is wrong."""
+    if is_main and not getattr(e, "quiet", False):
+        click.echo(f"error: {e}", err=True)
+        sys.stderr.flush()
+        e.quiet = True  # said: the entry point does not print it again
+    distributed.barrier()
 
 
 def _note_user_error(out: str, e: PnnhError) -> None:
@@ -153,6 +167,7 @@ def _user_error_of_earlier_attempt(out: str, is_main: bool) -> None:
                     path.unlink(missing_ok=True)
         e = PnnhError(note.get("error", "")) if is_main else PeerError("")
         e.exit_code = int(note.get("exit_code", 2))
+        e.collective = distributed.is_distributed()
         raise e
 
 

@@ -162,7 +162,8 @@ def _on_main(fn: Callable[[], Any], is_main: bool) -> Any:
 
     Rank 0 alone prepares the run directory and writes checkpoints; a user error there would
     otherwise leave the other ranks waiting in a collective until rank 0's exit breaks it (a
-    gloo traceback around the real error). Rank 0 raises its error, the others a quiet PeerError.
+    gloo traceback around the real error). Rank 0 raises its error, the others a quiet PeerError;
+    in a process group both are marked ``collective`` (every rank raised it together).
     """
     err = None
     result = None
@@ -173,8 +174,9 @@ def _on_main(fn: Callable[[], Any], is_main: bool) -> Any:
             err = e
     if dist_utils.world_size() > 1:
         failed = dist_utils.all_reduce_sum(torch.tensor([float(err is not None)], dtype=torch.float64)).item()
-        if failed and err is None:
-            raise PeerError("rank 0 stopped this run with an error")
+        if failed:
+            err = err or PeerError("rank 0 stopped this run with an error")
+            err.collective = True
     if err is not None:
         raise err
     return result
